@@ -1,0 +1,23 @@
+"""Shared fixtures and markers: slow tests run only with NDA_ANN_SLOW=1 (never in CI); GPU tests need CUDA."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = os.environ.get("NDA_ANN_SLOW") == "1" and os.environ.get("CI", "").lower() != "true"
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: set NDA_ANN_SLOW=1 (outside CI) to run"))
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
