@@ -14,7 +14,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -268,8 +268,7 @@ def _fits(s: int, angle: float, box: Box) -> bool:
     return side <= box.width and side <= box.height
 
 
-def photo_crops(
-    n: int,
+def iter_photo_crops(
     size: int = 32,
     seed: int | Sequence[int] = 0,
     region: Region = "train",
@@ -279,27 +278,26 @@ def photo_crops(
     scales: Sequence[int] = SCALES,
     cycle_photos: bool = False,
     min_std: float = MIN_STD,
-) -> tuple[np.ndarray, list[Crop]]:
-    """``n`` distinct crops: ((n, size, size, 3) uint8, their Crop records), deterministic for ``seed``.
+) -> Iterator[tuple[np.ndarray, Crop, bytes]]:
+    """Endless stream of distinct crops: ((size, size, 3) uint8, Crop, 16-byte blake2b of the pixels).
 
     ``seed`` may be a sequence (e.g. (seed, shard)) for independent streams. Photos are drawn
     uniformly, or in a seeded round-robin with ``cycle_photos``. Duplicates (same pixels) and flat
-    crops (per-channel pixel std < ``min_std``) are rejected and redrawn.
+    crops (per-channel pixel std < ``min_std``) are rejected and redrawn. Memory grows by one
+    digest per crop yielded.
     """
-    if n < 0 or size < 1:
-        raise ValueError(f"need n >= 0 and size >= 1, got n={n}, size={size}")
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
     photos = load_photos()
     rng = np.random.default_rng(list(seed) if isinstance(seed, (list, tuple)) else seed)
     order = rng.permutation(len(photos))
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
-    crops: list[Crop] = []
     seen: set[bytes] = set()
-    attempts, limit = 0, 20 * n + 1000
+    attempts = 0
     slot, misses = 0, 0  # round-robin position; a photo that keeps failing gives up its turn
-    while len(crops) < n:
+    while True:
         attempts += 1
-        if attempts > limit:
-            raise InputError(None, f"could cut only {len(crops)} distinct {region} crops of {n} after {limit} attempts; ask for fewer")
+        if attempts > 20 * len(seen) + 1000:
+            raise InputError(None, f"could cut only {len(seen)} distinct {region} crops in {attempts - 1} attempts; ask for fewer")
         if misses >= 100:
             slot, misses = slot + 1, 0
         k = order[slot % len(photos)] if cycle_photos else rng.integers(len(photos))
@@ -307,12 +305,31 @@ def photo_crops(
         crop = _draw(rng, photo, region, size, scales, rotate, jitter)
         img = None if crop is None else _cut(photo, crop, region, size)
         digest = b"" if img is None else hashlib.blake2b(img.tobytes(), digest_size=16).digest()
-        if img is None or digest in seen or _spatial_std(img) < min_std:
+        if img is None or crop is None or digest in seen or _spatial_std(img) < min_std:
             misses += 1
             continue
         seen.add(digest)
         slot, misses = slot + 1, 0
-        images[len(crops)] = img
+        yield img, crop, digest
+
+
+def photo_crops(
+    n: int,
+    size: int = 32,
+    seed: int | Sequence[int] = 0,
+    region: Region = "train",
+    rotate: bool = False,
+    jitter: bool = False,
+    **options: Any,
+) -> tuple[np.ndarray, list[Crop]]:
+    """The first ``n`` crops of ``iter_photo_crops``: ((n, size, size, 3) uint8, their Crop records)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    crops: list[Crop] = []
+    stream = iter_photo_crops(size, seed, region, rotate, jitter, **options)
+    for i in range(n):
+        images[i], crop, _ = next(stream)
         crops.append(crop)
     return images, crops
 

@@ -10,6 +10,17 @@ import torch
 
 from .patches import LayoutGroup
 
+# exp(-80) ~ 2e-35: terms that far below their row's maximum are below float64 rounding of the
+# row sum (which holds a term equal to 1), and clamping keeps exp off its slow underflow path.
+_FLOOR = -80.0
+
+
+def logsumexp_(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim, overwriting ``x``: (..., V) -> (...)."""
+    top = x.amax(-1, keepdim=True)
+    total = x.sub_(top).clamp_min_(_FLOOR).exp_().sum(-1)
+    return total.log_().add_(top.squeeze(-1))
+
 
 def log_masses(
     queries: torch.Tensor,
@@ -23,27 +34,32 @@ def log_masses(
     queries: (Q, L, D) noised query patch vectors; candidates: (n, L, D) patch vectors of s * y_n,
     both over the same L grid positions. Returns ``(full, agg)``, each (Q, L, n):
     full[q, u, n] = logsumexp over same-layout v of -||q_u - c_{n,v}||^2 / (2 sigma^2) and
-    agg the same over the ``topk`` largest terms (equal to full without topk).
-    Peak extra memory: Q * |U_g| * n * |V_g| elements for the largest layout class.
+    agg the same over the ``topk`` largest terms (``agg is full`` without topk).
+    Peak extra memory: about 2 * Q * |U_g| * n * |V_g| elements for the largest layout class.
     """
-    qn_all = queries.square().sum(-1)  # (Q, L)
-    cn_all = candidates.square().sum(-1)  # (n, L)
     nq, npos, _ = queries.shape
     n = candidates.shape[0]
     full = torch.empty((nq, npos, n), dtype=queries.dtype, device=queries.device)
     agg = torch.empty_like(full) if topk is not None else full
+    cand_norms = candidates.square().sum(-1)  # (n, L)
+    query_norms = queries.square().sum(-1)  # (Q, L)
     for group in groups:
         pos = group.positions.to(queries.device)
-        q = queries[:, pos]  # (Q, U, D)
+        q = queries[:, pos].reshape(-1, queries.shape[-1])  # (Q*U, D)
         c = candidates[:, pos]  # (n, V, D)
-        u, v = q.shape[1], c.shape[1]
-        gram = q.reshape(nq * u, -1) @ c.reshape(n * v, -1).T  # (Q*U, n*V)
-        d2 = qn_all[:, pos].reshape(-1, 1) + cn_all[:, pos].reshape(1, -1) - 2.0 * gram
-        logits = d2.clamp_min_(0.0).mul_(-inv_two_sigma2).view(nq, u, n, v)
-        full[:, pos] = torch.logsumexp(logits, dim=-1)
+        u, v = len(pos), c.shape[1]
+        c = c.reshape(n * v, -1)
+        c_norms = cand_norms[:, pos].reshape(1, -1)
+        # -||q - c||^2 / (2 s2) = (2 <q, c> - ||c||^2) / (2 s2) - ||q||^2 / (2 s2); the last term is
+        # constant over candidates, so it is added after the reductions.
+        logits = torch.addmm(c_norms, q, c.T, beta=-1.0, alpha=2.0)  # (Q*U, n*V)
+        logits.mul_(inv_two_sigma2)
+        logits = logits.view(nq * u, n, v)
+        offset = query_norms[:, pos] * inv_two_sigma2  # (Q, U)
         if topk is not None:
-            kept = logits if topk >= v else logits.topk(topk, dim=-1, sorted=False).values
-            agg[:, pos] = torch.logsumexp(kept, dim=-1)
+            kept = logits.clone() if topk >= v else logits.topk(topk, dim=-1, sorted=False).values
+            agg[:, pos] = logsumexp_(kept).view(nq, u, n) - offset[..., None]
+        full[:, pos] = logsumexp_(logits).view(nq, u, n) - offset[..., None]
     return full, agg
 
 
@@ -51,8 +67,8 @@ def chunk_size(n_queries: int, groups: list[LayoutGroup], dtype: torch.dtype, bu
     """How many candidate images one ``log_masses`` call may take within ``budget_bytes``.
 
     The logits of the largest layout class dominate: Q * |U|^2 elements per image, with about
-    three live copies (gram, logits, topk).
+    two live copies (logits and the exp inside logsumexp, or the topk values).
     """
     largest = max(len(g) for g in groups)
-    per_image = 3 * n_queries * largest * largest * torch.finfo(dtype).bits // 8
+    per_image = 2 * n_queries * largest * largest * torch.finfo(dtype).bits // 8
     return max(1, budget_bytes // max(per_image, 1))

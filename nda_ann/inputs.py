@@ -11,17 +11,24 @@ from .store import Store, uint8_to_float
 
 
 class CorpusView:
-    """Uniform chunked access to a corpus given as a Store or a (N, C, H, W) float tensor in [-1, 1]."""
+    """Uniform access to a corpus: a Store, several Stores (rows numbered in order), or a
+    (N, C, H, W) float tensor in [-1, 1]. Global image id = row in that concatenation."""
 
-    def __init__(self, corpus: Store | torch.Tensor | np.ndarray):
+    def __init__(self, corpus: Store | Sequence[Store] | torch.Tensor | np.ndarray):
         if isinstance(corpus, Store):
-            self.store: Store | None = corpus
+            corpus = [corpus]
+        if isinstance(corpus, (list, tuple)) and all(isinstance(s, Store) for s in corpus):
+            self.stores: list[Store] = list(corpus)
             self.tensor: torch.Tensor | None = None
-            self.count = len(corpus)
-            self.shape = (corpus.channels, corpus.resolution, corpus.resolution)
+            shapes = {(s.channels, s.resolution, s.resolution) for s in self.stores}
+            if len(shapes) != 1:
+                raise InputError(None, f"stores of different image shapes cannot be combined: {sorted(shapes)}")
+            self.shape = shapes.pop()
+            self.offsets = np.cumsum([0] + [len(s) for s in self.stores])
+            self.count = int(self.offsets[-1])
         else:
             t = as_float_images(corpus, "corpus")
-            self.store, self.tensor = None, t
+            self.stores, self.tensor = [], t
             self.count = t.shape[0]
             self.shape = tuple(t.shape[1:])
         if self.count == 0:
@@ -29,15 +36,30 @@ class CorpusView:
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         """(hi - lo, C, H, W) float32 images of rows [lo, hi)."""
-        if self.store is not None:
-            return self.store.tensor(slice(lo, hi))
-        return self.tensor[lo:hi].to(torch.float32)
+        if self.tensor is not None:
+            return self.tensor[lo:hi].to(torch.float32)
+        return self.take(np.arange(lo, hi))
 
     def take(self, ids: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """(len(ids), C, H, W) float32 images of the given rows."""
-        if self.store is not None:
-            return self.store.tensor(np.asarray(ids, dtype=np.int64))
-        return self.tensor[torch.as_tensor(np.asarray(ids, dtype=np.int64))].to(torch.float32)
+        """(len(ids), C, H, W) float32 images of the given global ids, in that order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.tensor is not None:
+            return self.tensor[torch.as_tensor(ids)].to(torch.float32)
+        if len(self.stores) == 1:
+            return self.stores[0].tensor(ids)
+        out = torch.empty((len(ids),) + tuple(self.shape), dtype=torch.float32)
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        for k, store in enumerate(self.stores):
+            sel = np.nonzero(which == k)[0]
+            if len(sel):
+                out[torch.as_tensor(sel)] = store.tensor(ids[sel] - self.offsets[k])
+        return out
+
+    def sources(self) -> list[str]:
+        """Source name of every image (``tensor[i]`` for a tensor corpus)."""
+        if self.tensor is not None:
+            return [f"tensor[{i}]" for i in range(self.count)]
+        return [src for store in self.stores for src in store.sources()]
 
 
 def as_float_images(images: torch.Tensor | np.ndarray, what: str = "images") -> torch.Tensor:

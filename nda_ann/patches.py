@@ -76,10 +76,25 @@ def extract_patches(images: torch.Tensor, scale: Scale) -> torch.Tensor:
         raise ValueError(f"images must be square, got {h}x{w}")
     scale.check_fits(h)
     p, r, f = scale.patch, scale.pad, scale.factor
-    if f == 1:
-        cols = F.unfold(images, kernel_size=p, padding=r)
-    else:
-        padded = F.pad(images, (r, r, r, r))
-        block_sums = F.avg_pool2d(padded, kernel_size=f, stride=1) * f  # sum / f
-        cols = F.unfold(block_sums, kernel_size=p // f, dilation=f)
-    return cols.transpose(1, 2)
+    padded = F.pad(images, (r, r, r, r))
+    if f > 1:
+        padded = F.avg_pool2d(padded, kernel_size=f, stride=1) * f  # block sums / f, at every offset
+    g, m = scale.grid(h), p // f
+    sb, sc, sh, sw = padded.stride()
+    # a strided view (B, G, G, C, m, m) of the padded image; one copy makes it (B, G*G, C*m*m)
+    view = padded.as_strided((b, g, g, c, m, m), (sb, sh, sw, sc, f * sh, f * sw))
+    return view.reshape(b, g * g, c * m * m)
+
+
+def candidate_grid(size: int, scale: Scale, stride: int) -> torch.Tensor:
+    """(grid * grid,) bool: the positions an index on a stride-``stride`` candidate grid keeps.
+
+    Position (i, j) is kept when each coordinate is either a border coordinate (its patch is
+    clipped on that axis) or a multiple of ``stride``; so every layout class keeps at least one
+    position and border classes are thinned only along their free axis. stride 1 keeps all.
+    """
+    if stride < 1:
+        raise ValueError(f"candidate stride must be at least 1, got {stride}")
+    axis = axis_layouts(size, scale)
+    keep_axis = torch.tensor([lay != (0, 0) or i % stride == 0 for i, lay in enumerate(axis)])
+    return (keep_axis[:, None] & keep_axis[None, :]).flatten()

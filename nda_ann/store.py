@@ -34,7 +34,8 @@ MANIFEST_FILE = "manifest.json"
 
 def uint8_to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(n, H, W, C) uint8 -> (n, C, H, W) float32 in [-1, 1]: u / 127.5 - 1."""
-    t = torch.as_tensor(np.ascontiguousarray(images))
+    arr = np.ascontiguousarray(images)
+    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     return t.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
 
 

@@ -1,0 +1,354 @@
+"""Attribution through an index (SPEC section 4): candidate retrieval, then exact dense re-scoring.
+
+For each query and timestep:
+1. noise the query, cut its patches per scale, search the index with q / s (one index of unscaled
+   patches serves every t) for the K nearest same-layout training patches;
+2. rank training images by the softmax mass (over the K) their retrieved patches receive, fused
+   over scales and noise draws, and add the nearest images by thumbnail;
+3. re-score the top M candidate images exactly at every position from the store's pixels; the
+   mass of the non-candidates is estimated from a uniform random sample of them and enters the
+   softmax normaliser (reported as ``outside_mass``); images outside the M score 0.
+``mode="fast"`` stops after step 1 and scores the truncated softmax over the K retrieved patches.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .dense import chunk_size, log_masses
+from .device import describe_device, resolve_device, resolve_dtype
+from .exact import positions_to_pixels, scale_weights
+from .inputs import CorpusView, check_compatible
+from .patches import extract_patches, layout_groups
+from .scales import Scale
+from .schedule import NoiseSchedule, noise_images
+from .thumbnails import corpus_thumbnails, nearest_thumbnails, thumbnails
+from .units import parse_bytes
+
+log = logging.getLogger("nda_ann.attribution")
+
+Mode = Literal["rescore", "fast"]
+
+
+@dataclass
+class AttributionSettings:
+    """Every knob of one attribution run (recorded in summary.json)."""
+
+    timesteps: list[int]
+    k: int = 1024
+    candidates: int = 200
+    nprobe: int | None = None
+    topk: int | None = None
+    alpha: float | None = None
+    seed: int = 0
+    noise_draws: int = 1
+    schedule: str = "linear"
+    mode: str = "rescore"
+    thumbnail_share: float | None = None
+    outside_sample: int = 32
+    precision: str = "float32"
+    maps: int = 8
+
+    def thumbnail_share_at(self, t: int, sched: NoiseSchedule) -> float:
+        """Share of the M candidates taken from the thumbnail search at t (default: by noise level)."""
+        if self.thumbnail_share is not None:
+            return self.thumbnail_share
+        return 0.5 if sched.signal_and_noise(t)[1] >= 0.3 else 0.0
+
+
+@dataclass
+class Attribution:
+    """Sparse attribution scores: per (timestep index, query) the scored image ids and scores.
+
+    ``scores`` densifies to (T, Q, N); images never scored are 0.
+    """
+
+    n_images: int
+    timesteps: list[int]
+    query_names: list[str]
+    sources: list[str]
+    settings: dict[str, Any]
+    device: str
+    sparse: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    kept_maps: dict[tuple[int, int], dict[int, np.ndarray]] = field(default_factory=dict)
+    outside_mass: np.ndarray | None = None  # (T, Q, S): mean estimated share of mass outside the candidates
+    scale_names: list[str] = field(default_factory=list)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(T, Q, N) float64."""
+        out = np.zeros((len(self.timesteps), len(self.query_names), self.n_images))
+        for (ti, q), (ids, vals) in self.sparse.items():
+            out[ti, q, ids] = vals
+        return out
+
+    def query_scores(self, query: int, timestep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of one query at one timestep (None: mean over timesteps), nonzero only."""
+        tis = range(len(self.timesteps)) if timestep is None else [self.timesteps.index(timestep)]
+        acc: dict[int, float] = {}
+        for ti in tis:
+            ids, vals = self.sparse[(ti, query)]
+            for i, v in zip(ids.tolist(), vals.tolist()):
+                acc[i] = acc.get(i, 0.0) + v / len(tis)
+        ids = np.fromiter(acc.keys(), dtype=np.int64, count=len(acc))
+        vals = np.fromiter(acc.values(), dtype=np.float64, count=len(acc))
+        keep = vals > 0
+        return ids[keep], vals[keep]
+
+    def top(self, query: int, n: int = 10, timestep: int | None = None) -> list[tuple[int, float, str]]:
+        """The n highest-scoring images of a query: [(image_id, score, source)], best first."""
+        ids, vals = self.query_scores(query, timestep)
+        order = np.lexsort((ids, -vals))[:n]
+        return [(int(ids[i]), float(vals[i]), self.sources[int(ids[i])]) for i in order]
+
+    def heatmap(self, query: int, image_id: int, timestep: int | None = None) -> np.ndarray:
+        """(H, W): where in the query image ``image_id`` contributes (sums to its score)."""
+        tis = range(len(self.timesteps)) if timestep is None else [self.timesteps.index(timestep)]
+        maps = []
+        for ti in tis:
+            kept = self.kept_maps.get((ti, query), {})
+            if int(image_id) not in kept:
+                raise KeyError(f"no heatmap kept for image {image_id} of query {query}; maps are kept for the top {self.settings.get('maps')} images (raise maps=)")
+            maps.append(kept[int(image_id)])
+        return np.mean(maps, axis=0)
+
+    def to_table(self):
+        """A pyarrow table: query, timestep (-1 = mean over timesteps), image_id, source, score, rank."""
+        import pyarrow as pa
+
+        cols: dict[str, list] = {k: [] for k in ("query", "timestep", "image_id", "source", "score", "rank")}
+        slots = [(t, t) for t in self.timesteps] + ([(None, -1)] if len(self.timesteps) > 1 else [])
+        for q, name in enumerate(self.query_names):
+            for t, label in slots:
+                for rank, (i, v, src) in enumerate(self.top(q, self.n_images, t), start=1):
+                    for key, val in zip(cols, (name, label, i, src, v, rank)):
+                        cols[key].append(val)
+        return pa.table({
+            "query": pa.array(cols["query"], pa.string()), "timestep": pa.array(cols["timestep"], pa.int32()),
+            "image_id": pa.array(cols["image_id"], pa.int64()), "source": pa.array(cols["source"], pa.string()),
+            "score": pa.array(cols["score"], pa.float64()), "rank": pa.array(cols["rank"], pa.int32()),
+        })
+
+    def to_parquet(self, path) -> None:
+        """Write ``to_table()`` atomically to ``path``."""
+        from .results import write_parquet_atomic
+
+        write_parquet_atomic(self.to_table(), path)
+
+
+class Attributor:
+    """Attribute images against an indexed corpus. ``Attributor.open(INDEX)`` or with any searcher
+    exposing ``search(scale, vectors (Q, L, D), k, nprobe) -> (dist, image, position)``."""
+
+    def __init__(self, searcher, corpus, scales: Sequence, *, index_id: str | None = None, device="auto", thumbs: np.ndarray | None = None, memory_budget: int | str = "512M"):
+        self.searcher = searcher
+        self.corpus = corpus if isinstance(corpus, CorpusView) else CorpusView(corpus)
+        self.scales = [Scale.parse(s) for s in scales]
+        self.size = self.corpus.shape[1]
+        self.groups = {sc: layout_groups(self.size, sc) for sc in self.scales}
+        self.device = resolve_device(device)
+        self.index_id = index_id
+        self._thumbs = thumbs
+        self._sources: list[str] | None = None
+        self.budget = parse_bytes(memory_budget)
+
+    @classmethod
+    def open(cls, index_path, device="auto", mmap: bool = True) -> "Attributor":
+        """Open an index built by ``nda-ann build`` together with the store(s) it was built from."""
+        from .index import PatchIndex
+        from .store import Store
+
+        index = PatchIndex.open(index_path, mmap=mmap)
+        stores = [Store.open(p) for p in index.store_paths()]
+        thumbs = index.thumbnails() if hasattr(index, "thumbnails") else None
+        return cls(index, stores, index.scales, index_id=index.manifest.get("index_id") or index.manifest.get("created"), device=device, thumbs=thumbs)
+
+    @property
+    def sources(self) -> list[str]:
+        if self._sources is None:
+            self._sources = self.corpus.sources()
+        return self._sources
+
+    @property
+    def thumbs(self) -> np.ndarray:
+        if self._thumbs is None:
+            log.info("computing thumbnails of %d images (not stored with the index)", self.corpus.count)
+            self._thumbs = corpus_thumbnails(self.corpus)
+        return self._thumbs
+
+    def attribute(
+        self,
+        images,
+        timesteps: int | Sequence[int] = 100,
+        *,
+        k: int = 1024,
+        candidates: int = 200,
+        nprobe: int | None = None,
+        topk: int | None = None,
+        alpha: float | None = None,
+        seed: int = 0,
+        noise_draws: int = 1,
+        schedule: str = "linear",
+        mode: Mode = "rescore",
+        thumbnail_share: float | None = None,
+        outside_sample: int = 32,
+        precision: str = "float32",
+        maps: int = 8,
+        names: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> Attribution:
+        """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
+
+        Returns an Attribution with scores (T, Q, N), heatmaps of the top ``maps`` images, and
+        the estimated mass outside the M candidates per query and scale.
+        """
+        from .queries import load_queries
+
+        queries, qnames = load_queries(images, self.corpus.shape, names=names)
+        check_compatible(queries, self.corpus.shape, "index")
+        sched = NoiseSchedule(schedule)
+        ts = [sched.check_timestep(t) for t in ([timesteps] if isinstance(timesteps, int) else list(timesteps))]
+        if mode not in ("rescore", "fast"):
+            raise ValueError(f"mode must be 'rescore' or 'fast', got {mode!r}")
+        for name, value in (("k", k), ("candidates", candidates), ("noise_draws", noise_draws)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if topk is not None and (int(topk) != topk or topk < 1):
+            raise ValueError(f"topk must be a positive integer, got {topk}")
+        weights = scale_weights(self.scales, alpha)
+        settings = AttributionSettings(ts, k, candidates, nprobe, topk, alpha, seed, noise_draws, schedule, mode, thumbnail_share, outside_sample, precision, maps)
+        dtype = resolve_dtype(precision)
+        n, nq = self.corpus.count, queries.shape[0]
+        result = Attribution(n, ts, qnames, self.sources, {**asdict(settings), "index_id": self.index_id}, describe_device(self.device), scale_names=[str(s) for s in self.scales])
+        result.outside_mass = np.zeros((len(ts), nq, len(self.scales)))
+        bar = tqdm(total=len(ts) * nq, unit="query", desc="attribute", disable=not progress)
+        for ti, t in enumerate(ts):
+            s, sigma2 = sched.signal_and_noise(t)
+            noisy = [noise_images(queries, t, sched, seed, d) for d in range(noise_draws)]  # each (Q, C, H, W)
+            patches = {(d, sc): extract_patches(noisy[d], sc) for d in range(noise_draws) for sc in self.scales}
+            hits = {key: self.searcher.search(key[1], (p / s).numpy(), k, nprobe) for key, p in patches.items()}
+            for q in range(nq):
+                if mode == "fast":
+                    ids, vals = self._fast_scores(q, hits, s, sigma2, weights, noise_draws, topk)
+                else:
+                    mass = self._candidate_mass(q, hits, s, sigma2, weights, noise_draws)
+                    cand = self._select_candidates(mass, noisy, q, s, min(candidates, n), settings.thumbnail_share_at(t, sched))
+                    ids, vals, maps_q, outside = self._rescore(q, cand, patches, s, sigma2, weights, noise_draws, topk, dtype, outside_sample, seed * 7919 + t * 131 + q, maps)
+                    result.kept_maps[(ti, q)] = maps_q
+                    result.outside_mass[ti, q] = outside
+                result.sparse[(ti, q)] = (ids, vals)
+                bar.update(1)
+        bar.close()
+        return result
+
+    # stage 1 -----------------------------------------------------------------------------
+    def _softmax_over_retrieved(self, dist: np.ndarray, s: float, sigma2: float) -> torch.Tensor:
+        """(L, K) unscaled squared distances -> (L, K) softmax weights over the K (inf -> 0)."""
+        logits = -torch.from_numpy(dist).double() * (s * s) / (2 * sigma2)
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+
+    def _candidate_mass(self, q: int, hits: dict, s: float, sigma2: float, weights: list[float], draws: int) -> np.ndarray:
+        """(N,) softmax mass each training image receives from the retrieved patches of query q."""
+        mass = np.zeros(self.corpus.count)
+        for (d, sc), (dist, image, _) in hits.items():
+            w = self._softmax_over_retrieved(dist[q], s, sigma2).numpy()
+            img = image[q]
+            ok = img >= 0
+            mass += weights[self.scales.index(sc)] / draws * np.bincount(img[ok], weights=w[ok], minlength=self.corpus.count)
+        return mass
+
+    def _select_candidates(self, mass: np.ndarray, noisy: list[torch.Tensor], q: int, s: float, m: int, thumb_share: float) -> np.ndarray:
+        """M candidate image ids: round(M * share) nearest by thumbnail, the rest by patch mass."""
+        chosen: list[int] = []
+        seen: set[int] = set()
+        n_thumb = int(round(m * thumb_share))
+        if n_thumb:
+            qthumb = thumbnails(torch.stack([x[q] for x in noisy]).mean(0, keepdim=True) / s)[0]
+            for i in nearest_thumbnails(self.thumbs, qthumb, n_thumb).tolist():
+                if i not in seen:
+                    seen.add(i)
+                    chosen.append(i)
+        by_mass = np.argsort(-mass, kind="stable")
+        for i in by_mass.tolist():
+            if len(chosen) >= m:
+                break
+            if i not in seen:
+                seen.add(i)
+                chosen.append(i)
+        return np.sort(np.asarray(chosen, dtype=np.int64))
+
+    def _fast_scores(self, q: int, hits: dict, s: float, sigma2: float, weights: list[float], draws: int, topk: int | None):
+        """Truncated softmax over the K retrieved patches: (ids, scores) of the images retrieved."""
+        acc = np.zeros(self.corpus.count)
+        for (d, sc), (dist, image, _) in hits.items():
+            w = self._softmax_over_retrieved(dist[q], s, sigma2).numpy()  # (L, K)
+            img = image[q]
+            if topk is not None:
+                # keep, per position and image, only the topk largest retrieved weights
+                order = np.lexsort((-w, img), axis=-1)
+                w_sorted = np.take_along_axis(w, order, -1)
+                i_sorted = np.take_along_axis(img, order, -1)
+                first = np.concatenate([np.ones((len(img), 1), bool), i_sorted[:, 1:] != i_sorted[:, :-1]], 1)
+                run_start = np.maximum.accumulate(np.where(first, np.arange(img.shape[1])[None], 0), axis=1)
+                rank = np.arange(img.shape[1])[None] - run_start
+                w, img = np.where(rank < topk, w_sorted, 0.0), i_sorted
+            ok = img >= 0
+            acc += weights[self.scales.index(sc)] / draws * np.bincount(img[ok], weights=w[ok], minlength=self.corpus.count)
+        ids = np.nonzero(acc)[0]
+        return ids, acc[ids]
+
+    # stage 2 -----------------------------------------------------------------------------
+    def _rescore(self, q, cand, patches, s, sigma2, weights, draws, topk, dtype, n_outside, seed, n_maps):
+        """Exact re-scoring of query q against every position of the candidate images."""
+        n, m = self.corpus.count, len(cand)
+        inv = 1.0 / (2.0 * sigma2)
+        rng = np.random.default_rng(seed)
+        outside_pool = n - m
+        sample = np.empty(0, dtype=np.int64)
+        if outside_pool > 0 and n_outside > 0:
+            mask = np.ones(n, bool)
+            mask[cand] = False
+            pool = np.nonzero(mask)[0]
+            sample = rng.choice(pool, size=min(n_outside, len(pool)), replace=False)
+        scores = torch.zeros(m, dtype=torch.float64)
+        per_pos: dict[Scale, list[torch.Tensor]] = {}
+        outside = np.zeros(len(self.scales))
+        for si, (sc, w) in enumerate(zip(self.scales, weights)):
+            step = chunk_size(1, self.groups[sc], dtype, self.budget)
+            for d in range(draws):
+                qp = patches[(d, sc)][q : q + 1].to(self.device, dtype)
+                fulls, aggs = [], []
+                for lo in range(0, m, step):
+                    imgs = self.corpus.take(cand[lo : lo + step]).to(self.device, dtype) * s
+                    full, agg = log_masses(qp, extract_patches(imgs, sc), self.groups[sc], inv, topk)
+                    fulls.append(torch.logsumexp(full, -1))
+                    aggs.append(agg[0])
+                log_z_in = torch.logsumexp(torch.stack(fulls), 0)[0]  # (L,)
+                log_z = log_z_in
+                if len(sample):
+                    out_full = []
+                    for lo in range(0, len(sample), step):
+                        imgs = self.corpus.take(sample[lo : lo + step]).to(self.device, dtype) * s
+                        out_full.append(torch.logsumexp(log_masses(qp, extract_patches(imgs, sc), self.groups[sc], inv, None)[0], -1))
+                    log_z_out = torch.logsumexp(torch.stack(out_full), 0)[0] + math.log(outside_pool / len(sample))
+                    log_z = torch.logaddexp(log_z_in, log_z_out)
+                    outside[si] += float(torch.exp(log_z_out - log_z).mean()) / draws
+                a = torch.exp(torch.cat(aggs, -1) - log_z[:, None]).double().cpu()  # (L, M)
+                scores += w / draws * a.sum(0)
+                per_pos.setdefault(sc, []).append(w / draws * a)
+        top = torch.argsort(scores, descending=True, stable=True)[:n_maps].tolist()
+        maps: dict[int, np.ndarray] = {}
+        for j in top:
+            total = torch.zeros((self.size, self.size), dtype=torch.float64)
+            for sc, parts in per_pos.items():
+                g = sc.grid(self.size)
+                total += positions_to_pixels(sum(p[:, j] for p in parts).view(g, g), sc, self.size)
+            maps[int(cand[j])] = total.numpy()
+        keep = scores.numpy() > 0
+        return cand[keep], scores.numpy()[keep], maps, outside

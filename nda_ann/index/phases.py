@@ -1,0 +1,57 @@
+"""Phase timing and a-priori estimates, logged before and after each long step (autofaiss style)."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+log = logging.getLogger("nda_ann.index")
+_depth = 0
+
+# Rough single-process throughputs on a 2-core CPU, from tools/bench_build.py; only for the estimates.
+RATES = {
+    "extract": 6e6,             # patch vectors extracted per second (147 dims)
+    "flat": 8e6,                # vectors added per second, Flat
+    "ivf-flat": 1.5e6,          # IVF assignment cost dominates
+    "ivf-sq8": 1.2e6,
+    "ivf-pq-fastscan": 0.6e6,   # rotation + assignment + encoding
+    "explicit": 0.5e6,
+    "kmeans_flops": 2e10,       # float ops per second of k-means training
+}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.1f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+@contextmanager
+def phase(name: str, est_seconds: float | None = None, est_bytes: float | None = None) -> Iterator[None]:
+    """Log ``name`` with its estimates, run the block, log the time it took; nested phases indent."""
+    global _depth
+    pad = "  " * _depth
+    parts = []
+    if est_seconds is not None:
+        parts.append(f"est. {human_seconds(est_seconds)}")
+    if est_bytes is not None:
+        parts.append(f"est. peak {human_bytes(est_bytes)}")
+    log.info("%s%s%s", pad, name, f" ({', '.join(parts)})" if parts else "")
+    t0 = time.perf_counter()
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        log.info("%s%s done in %s", pad, name, human_seconds(time.perf_counter() - t0))

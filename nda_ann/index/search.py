@@ -1,0 +1,173 @@
+"""PatchIndex: open an index folder (memory-mapped) and search it under the layout rule."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from ..errors import IndexError_, InputError
+from ..scales import Scale, ScaleLike
+from .layout_ids import ClassLayout
+from .manifest import check_files, class_file, layouts_of, read_manifest, resolve_index_path
+
+MMAP_FLAT = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
+MMAP_IVF = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+
+
+def read_index(path: Path, factory: str, mmap: bool) -> faiss.Index:
+    """Read one sub-index; memory-mapped where FAISS supports it (Flat codes, IVF array lists).
+
+    Fast-scan PQ lists cannot be mapped and are read into RAM (they are the smallest codes).
+    """
+    if mmap and not factory.split(",")[-1].endswith("fs"):
+        flags = MMAP_IVF if "IVF" in factory else MMAP_FLAT
+        try:
+            return faiss.read_index(str(path), flags)
+        except RuntimeError:
+            pass
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise IndexError_(path, f"unreadable index file ({str(err).strip().splitlines()[-1][:160]}); rebuild the index") from err
+
+
+class PatchIndex:
+    """A built index: per scale, one FAISS sub-index per layout class and shard (loaded lazily).
+
+    Not safe for concurrent searches from several threads (nprobe is set on the shared sub-indexes).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool = True):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.mmap = mmap
+        self.scales = [Scale(e["patch"], e["factor"]) for e in manifest["scales"]]
+        self.resolution = int(manifest["resolution"])
+        self.channels = int(manifest["channels"])
+        self.count = int(manifest["count"])
+        self._entries = {s: e for s, e in zip(self.scales, manifest["scales"])}
+        self._layouts = {s: layouts_of(manifest, e) for s, e in zip(self.scales, manifest["scales"])}
+        self._loaded: dict[tuple[Scale, int, int], faiss.Index] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, mmap: bool = True) -> "PatchIndex":
+        """Open and check an index folder (a bare name means indexes/<name>)."""
+        path = resolve_index_path(path)
+        manifest = read_manifest(path)
+        check_files(path, manifest)
+        return cls(path, manifest, mmap)
+
+    def __repr__(self) -> str:
+        return f"PatchIndex({str(self.path)!r}, images={self.count}, scales={[str(s) for s in self.scales]})"
+
+    def store_paths(self) -> list[Path]:
+        """The member stores in image-id order: the absolute path if it exists, else the relative one."""
+        out = []
+        for s in self.manifest["stores"]:
+            absolute, relative = Path(s["path"]), (self.path / s["path_relative"]).resolve()
+            out.append(absolute if absolute.exists() or not relative.exists() else relative)
+        return out
+
+    def locate(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global image ids -> (member store index, row in that store); -1 where the id is -1."""
+        image = np.asarray(image, dtype=np.int64)
+        offsets = np.array([s["offset"] for s in self.manifest["stores"]], dtype=np.int64)
+        store = np.searchsorted(offsets, image, side="right") - 1
+        row = image - offsets[np.clip(store, 0, None)]
+        bad = image < 0
+        return np.where(bad, -1, store), np.where(bad, -1, row)
+
+    def layouts(self, scale: ScaleLike) -> list[ClassLayout]:
+        """The layout classes of a scale, with their indexed positions."""
+        return self._layouts[self._scale(scale)]
+
+    def _scale(self, scale: ScaleLike) -> Scale:
+        s = Scale.parse(scale)
+        if s not in self._entries:
+            raise InputError(None, f"scale {s} is not in the index {self.path} (it has {[str(x) for x in self.scales]})")
+        return s
+
+    def _index(self, scale: Scale, shard: dict[str, Any], c: ClassLayout) -> faiss.Index:
+        key = (scale, shard["id"], c.index)
+        if key not in self._loaded:
+            entry = self._entries[scale]
+            path = self.path / entry["dir"] / shard["dir"] / class_file(c.index)
+            self._loaded[key] = read_index(path, entry["classes"][c.index]["factory"], self.mmap)
+        return self._loaded[key]
+
+    def search(self, scale: ScaleLike, vectors: np.ndarray | torch.Tensor, k: int,
+               nprobe: int | None = None) -> tuple[Any, Any, Any]:
+        """k nearest same-layout candidates of every query patch.
+
+        vectors: (L, D) or (Q, L, D) float32 query patch vectors at all L = grid^2 positions in
+        row-major order (as ``extract_patches``), in the unscaled space (pass q / s).
+        Returns (dist, image, position), each (..., L, k): squared L2 distances (float32, approximate
+        for compressed codes), global image ids and flat grid positions (int64); missing results are
+        padded with inf / -1. numpy arrays, or torch tensors when ``vectors`` is a tensor.
+        ``nprobe`` overrides each IVF class's default (manifest) number of probed lists.
+        """
+        scale = self._scale(scale)
+        entry = self._entries[scale]
+        as_torch = isinstance(vectors, torch.Tensor)
+        x = vectors.detach().to("cpu", torch.float32).numpy() if as_torch else np.asarray(vectors, dtype=np.float32)
+        squeeze = x.ndim == 2
+        x = x[None] if squeeze else x
+        L, D = entry["grid"] ** 2, entry["dim"]
+        if x.ndim != 3 or x.shape[1:] != (L, D):
+            raise InputError(None, f"scale {scale}: expected query vectors (L, D) or (Q, L, D) with L = {L}, "
+                                   f"D = {D}, got {tuple(np.shape(vectors))}")
+        if int(k) < 1:
+            raise InputError(None, f"k must be >= 1, got {k}")
+        k = int(k)
+        q_count = x.shape[0]
+        dist = np.full((q_count, L, k), np.inf, dtype=np.float32)
+        image = np.full((q_count, L, k), -1, dtype=np.int64)
+        position = np.full((q_count, L, k), -1, dtype=np.int64)
+        for c in self._layouts[scale]:
+            queries = np.ascontiguousarray(x[:, c.positions].reshape(-1, D))
+            d_c, i_c = self._search_class(scale, entry, c, queries, k, nprobe)
+            img, pos = c.decode(i_c)
+            shape = (q_count, c.positions.size, k)
+            dist[:, c.positions] = d_c.reshape(shape)
+            image[:, c.positions] = img.reshape(shape)
+            position[:, c.positions] = pos.reshape(shape)
+        if squeeze:
+            dist, image, position = dist[0], image[0], position[0]
+        if as_torch:
+            return torch.from_numpy(dist), torch.from_numpy(image), torch.from_numpy(position)
+        return dist, image, position
+
+    def _search_class(self, scale: Scale, entry: dict[str, Any], c: ClassLayout, queries: np.ndarray, k: int,
+                      nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Search every shard of one class with all its query rows at once; merge top-k by distance.
+
+        Returns (nq, k) distances and global layout-coded ids (-1 / inf where missing).
+        """
+        spec = entry["classes"][c.index]
+        parts_d, parts_i = [], []
+        for shard in entry["shards"]:
+            index = self._index(scale, shard, c)
+            if index.ntotal == 0:
+                continue
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None:
+                ivf.nprobe = int(min(ivf.nlist, nprobe or spec["nprobe"] or 1))
+            d_s, i_s = index.search(queries, min(k, index.ntotal))
+            missing = i_s < 0
+            parts_i.append(np.where(missing, -1, i_s + shard["first_image"] * c.width))
+            parts_d.append(np.where(missing, np.inf, np.maximum(d_s, 0)).astype(np.float32))
+        nq = len(queries)
+        if not parts_d:
+            return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
+        d_all, i_all = np.concatenate(parts_d, axis=1), np.concatenate(parts_i, axis=1)
+        if len(parts_d) > 1:
+            order = np.argsort(d_all, axis=1, kind="stable")[:, :k]
+            d_all, i_all = np.take_along_axis(d_all, order, 1), np.take_along_axis(i_all, order, 1)
+        if d_all.shape[1] < k:
+            pad = k - d_all.shape[1]
+            d_all = np.pad(d_all, ((0, 0), (0, pad)), constant_values=np.inf)
+            i_all = np.pad(i_all, ((0, 0), (0, pad)), constant_values=-1)
+        return d_all, i_all

@@ -1,0 +1,109 @@
+"""Training of each layout class's template on a deterministic random sample of store images."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..patches import extract_patches
+from ..scales import Scale
+from ..store import Store
+from .factory import ClassSpec, make_index
+from .gpu import gpu_clustering
+from .layout_ids import ClassLayout
+from .phases import RATES, log, phase
+
+
+def write_index_atomic(index: faiss.Index, path: Path) -> int:
+    """faiss.write_index to ``path`` via a temporary name and os.replace; returns the size in bytes."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def sample_vectors(store: Store, scale: Scale, classes: Sequence[ClassLayout], sizes: Sequence[int],
+                   seed: int, batch_size: int, progress: bool = True) -> list[np.ndarray]:
+    """Training vectors of each class: (sizes[i], D) float32, drawn from random images of ``store``.
+
+    Class i takes all its indexed positions from the first ceil(sizes[i] / width) images of one
+    seeded permutation of the store, then keeps a seeded random subset of sizes[i] rows.
+    """
+    rng = np.random.default_rng([seed, scale.patch, scale.factor])
+    perm = rng.permutation(len(store))
+    rank = np.empty(len(store), dtype=np.int64)
+    rank[perm] = np.arange(len(store))
+    need = [min(len(store), math.ceil(s / c.width)) for c, s in zip(classes, sizes)]
+    rows = np.sort(perm[: max(need)])
+    parts: list[list[np.ndarray]] = [[] for _ in classes]
+    bar = tqdm(total=len(rows), desc=f"sample {scale}", unit="img", disable=not progress, leave=False)
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo: lo + batch_size]
+        patches = extract_patches(store.tensor(chunk), scale).numpy()
+        for i, c in enumerate(classes):
+            keep = rank[chunk] < need[i]
+            if keep.any():
+                parts[i].append(patches[keep][:, c.indexed].reshape(-1, patches.shape[-1]))
+        bar.update(len(chunk))
+    bar.close()
+    out = []
+    for i, size in enumerate(sizes):
+        x = np.concatenate(parts[i]) if parts[i] else np.zeros((0, scale.dim(store.channels)), np.float32)
+        if len(x) > size:
+            x = x[np.sort(rng.choice(len(x), size, replace=False))]
+        out.append(np.ascontiguousarray(x, dtype=np.float32))
+    return out
+
+
+def kmeans_seconds(spec: ClassSpec, d: int) -> float:
+    """A rough a-priori training time: 25 k-means iterations over the sample."""
+    return 2.0 * spec.train_size * max(spec.nlist, 1) * d * 25 / RATES["kmeans_flops"]
+
+
+def train_templates(store: Store, scale: Scale, classes: Sequence[ClassLayout], specs: Sequence[ClassSpec],
+                    out_dir: Path, seed: int, batch_size: int, budget: int, use_gpu: bool,
+                    progress: bool = True) -> dict[str, int]:
+    """Write the empty trained index of every class that needs training to ``out_dir/class-XXX.faiss``.
+
+    Returns {file name: size}. Untrained kinds (Flat) need no template: shards make them from the
+    factory string. Templates already present (an interrupted build) are kept. Classes are sampled
+    in groups whose training vectors fit in a quarter of the memory budget.
+    """
+    from .manifest import class_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = scale.dim(store.channels)
+    todo = [i for i, c in enumerate(classes) if not (out_dir / class_file(c.index)).exists()]
+    trained = [i for i in todo if specs[i].train_size > 0]
+    groups: list[list[int]] = []
+    for i in trained:
+        if groups and sum(specs[j].train_size for j in groups[-1] + [i]) * 4 * d <= budget // 4:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in groups:
+        sizes = [specs[i].train_size for i in group]
+        est = sum(kmeans_seconds(specs[i], d) for i in group)
+        with phase(f"scale {scale}: train {len(group)} class(es) on {sum(sizes):,} vectors "
+                   f"({', '.join(sorted({specs[i].factory for i in group}))})",
+                   est_seconds=est, est_bytes=2 * sum(sizes) * 4 * d):
+            samples = sample_vectors(store, scale, [classes[i] for i in group], sizes, seed, batch_size, progress)
+            for i, x in zip(group, samples):
+                index = make_index(specs[i].factory, d)
+                if use_gpu:
+                    gpu_clustering(index)
+                index.train(x)
+                ivf = faiss.try_extract_index_ivf(index)
+                if ivf is not None:
+                    ivf.clustering_index = None
+                write_index_atomic(index, out_dir / class_file(classes[i].index))
+                log.debug("trained class %d (%s) on %d vectors", classes[i].index, specs[i].factory, len(x))
+    return {class_file(c.index): (out_dir / class_file(c.index)).stat().st_size
+            for c, spec in zip(classes, specs) if spec.train_size > 0}

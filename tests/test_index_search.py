@@ -1,0 +1,214 @@
+"""PatchIndex.search against an independent brute force under the layout rule, and recall of IVF."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nda_ann.index import PatchIndex, build_index
+from nda_ann.patches import extract_patches
+from nda_ann.scales import Scale
+from nda_ann.store import write_store
+
+SCALES = ["5", "6:2"]
+
+
+def naive_vectors(images: np.ndarray, p: int, f: int) -> tuple[np.ndarray, list]:
+    """(N, C, H, W) float64 -> ((N, G*G, D) patch vectors cut from a zero-padded copy, layout keys).
+
+    Independent of nda_ann: slicing of np.pad and block sums; a layout is the pair of sets of the
+    patch's out-of-image row and column offsets.
+    """
+    n, c, h, _ = images.shape
+    r = (p - 1) // 2
+    g = h + 2 * r - p + 1
+    padded = np.pad(images, ((0, 0), (0, 0), (r, p), (r, p)))
+    vecs, keys = [], []
+    for i in range(g):
+        for j in range(g):
+            patch = padded[:, :, i:i + p, j:j + p]
+            if f > 1:
+                patch = patch.reshape(n, c, p // f, f, p // f, f).sum(axis=(3, 5)) / f
+            vecs.append(patch.reshape(n, -1))
+            rows = frozenset(a for a in range(p) if not 0 <= i - r + a < h)
+            cols = frozenset(b for b in range(p) if not 0 <= j - r + b < h)
+            keys.append((rows, cols))
+    return np.stack(vecs, axis=1), keys
+
+
+def naive_search(corpus: np.ndarray, queries: np.ndarray, p: int, f: int, k: int, allowed=None):
+    """Brute-force k nearest same-layout (image, position) of every query position: (dist, image, pos)."""
+    cv, keys = naive_vectors(corpus, p, f)
+    qv, _ = naive_vectors(queries, p, f)
+    n, L, _ = cv.shape
+    out_d = np.full((len(queries), L, k), np.inf)
+    out_i = np.full((len(queries), L, k), -1)
+    out_p = np.full((len(queries), L, k), -1)
+    for u in range(L):
+        same = [v for v in range(L) if keys[v] == keys[u] and (allowed is None or allowed[v])]
+        cand = cv[:, same].reshape(-1, cv.shape[-1])
+        d = ((qv[:, u, None, :] - cand[None]) ** 2).sum(-1)
+        order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        m = order.shape[1]
+        out_d[:, u, :m] = np.take_along_axis(d, order, 1)
+        out_i[:, u, :m] = order // len(same)
+        out_p[:, u, :m] = np.array(same)[order % len(same)]
+    return out_d, out_i, out_p
+
+
+def to_float(u8: np.ndarray) -> np.ndarray:
+    return u8.transpose(0, 3, 1, 2).astype(np.float64) / 127.5 - 1
+
+
+def assert_same_neighbours(got, want, rtol=1e-4):
+    """Equal distances; equal (image, position) except between candidates tied within float error."""
+    gd, gi, gp = got
+    wd, wi, wp = want
+    np.testing.assert_allclose(gd, wd, rtol=rtol, atol=1e-3)
+    differ = (gi != wi) | (gp != wp)
+    if differ.any():  # a swap is only allowed between near-equal distances
+        assert np.allclose(gd[differ], wd[differ], rtol=rtol, atol=1e-3)
+        assert differ.mean() < 0.01, differ.mean()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (40, 12, 12, 3), dtype=np.uint8)
+    queries = rng.integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
+    root = tmp_path_factory.mktemp("search")
+    store = write_store(root / "store", images)
+    return root, store, images, queries
+
+
+@pytest.fixture(scope="module")
+def flat_index(corpus):
+    root, store, _, _ = corpus
+    return build_index(store, root / "flat", SCALES, progress=False)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_flat_index_returns_the_bruteforce_neighbours_under_the_layout_rule(corpus, flat_index, scale):
+    _, _, images, queries = corpus
+    s = Scale.parse(scale)
+    q = extract_patches(torch.from_numpy(to_float(queries)).float(), s).numpy()
+    got = flat_index.search(s, q, k=7)
+    want = naive_search(to_float(images), to_float(queries), s.patch, s.factor, k=7)
+    assert_same_neighbours(got, want)
+    assert all(c["exact"] for c in flat_index.manifest["scales"][SCALES.index(scale)]["classes"])
+
+
+def test_k_beyond_a_class_is_padded_with_inf_and_minus_one(corpus, flat_index):
+    _, _, images, queries = corpus
+    s = Scale(5)
+    q = extract_patches(torch.from_numpy(to_float(queries[:1])).float(), s).numpy()[0]  # (L, D)
+    dist, image, pos = flat_index.search(s, q, k=45)
+    assert dist.shape == (s.grid(12) ** 2, 45)
+    corner = 0  # position (0, 0): its class holds one position per image, 40 vectors
+    assert np.isfinite(dist[corner, :40]).all() and np.isinf(dist[corner, 40:]).all()
+    assert (image[corner, 40:] == -1).all() and (pos[corner, 40:] == -1).all()
+    assert sorted(image[corner, :40].tolist()) == list(range(40))
+    interior = (s.grid(12) // 2) * s.grid(12) + s.grid(12) // 2
+    assert np.isfinite(dist[interior]).all()
+
+
+def test_torch_input_gives_torch_output_and_2d_equals_3d(corpus, flat_index):
+    _, _, _, queries = corpus
+    q = extract_patches(torch.from_numpy(to_float(queries)).float(), Scale(5))
+    d3, i3, p3 = flat_index.search("5", q, k=3)
+    assert isinstance(d3, torch.Tensor) and d3.dtype == torch.float32 and i3.dtype == torch.int64
+    d2, i2, p2 = flat_index.search("5", q[1].numpy(), k=3)
+    np.testing.assert_array_equal(i2, i3[1].numpy())
+    np.testing.assert_array_equal(p2, p3[1].numpy())
+
+
+def test_sharded_index_merges_to_the_same_neighbours(corpus, flat_index):
+    root, store, _, queries = corpus
+    sharded = build_index(store, root / "sharded", SCALES, factory="Flat", memory_budget="600K", progress=False)
+    assert all(len(e["shards"]) > 2 for e in sharded.manifest["scales"])
+    for scale in SCALES:
+        q = extract_patches(torch.from_numpy(to_float(queries)).float(), Scale.parse(scale)).numpy()
+        got, want = sharded.search(scale, q, k=6), flat_index.search(scale, q, k=6)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_candidate_stride_2_returns_only_positions_on_the_stride_grid(corpus):
+    root, store, images, queries = corpus
+    index = build_index(store, root / "stride2", ["5"], candidate_stride=2, progress=False)
+    s, g = Scale(5), Scale(5).grid(12)
+    r = s.pad
+    border = lambda i: i < r or i > g - 1 - r  # noqa: E731  patch clipped along this axis
+    on_grid = np.array([(border(v // g) or v // g % 2 == 0) and (border(v % g) or v % g % 2 == 0) for v in range(g * g)])
+    q = extract_patches(torch.from_numpy(to_float(queries)).float(), s).numpy()
+    got = index.search(s, q, k=5)
+    assert on_grid[got[2][got[2] >= 0]].all()
+    assert (got[2] >= 0).all()  # every layout class keeps candidates
+    want = naive_search(to_float(images), to_float(queries), 5, 1, k=5, allowed=on_grid)
+    assert_same_neighbours(got, want)
+    assert any("candidate stride 2" in a for a in index.manifest["scales"][0]["approximations"])
+
+
+def test_open_from_a_fresh_process_gives_the_same_results(corpus, flat_index):
+    _, _, _, queries = corpus
+    q = extract_patches(torch.from_numpy(to_float(queries)).float(), Scale(5)).numpy()
+    np.save(flat_index.path / "q.npy", q)
+    code = ("import json, sys, numpy as np\nfrom nda_ann.index import PatchIndex\n"
+            "ix = PatchIndex.open(sys.argv[1])\nd, i, p = ix.search('5', np.load(sys.argv[2]), 4)\n"
+            "print(json.dumps([d.tolist(), i.tolist(), p.tolist()]))")
+    out = subprocess.run([sys.executable, "-c", code, str(flat_index.path), str(flat_index.path / "q.npy")],
+                         capture_output=True, text=True, check=True)
+    d, i, p = (np.array(a) for a in json.loads(out.stdout))
+    want = flat_index.search("5", q, 4)
+    np.testing.assert_allclose(d, want[0], rtol=1e-6)
+    np.testing.assert_array_equal(i, want[1])
+    np.testing.assert_array_equal(p, want[2])
+
+
+def test_mmap_and_in_memory_opens_agree(corpus, flat_index):
+    _, _, _, queries = corpus
+    q = extract_patches(torch.from_numpy(to_float(queries)).float(), Scale.parse("6:2")).numpy()
+    ram = PatchIndex.open(flat_index.path, mmap=False).search("6:2", q, 5)
+    mapped = PatchIndex.open(flat_index.path, mmap=True).search("6:2", q, 5)
+    for a, b in zip(ram, mapped):
+        np.testing.assert_array_equal(a, b)
+
+
+def real_ish_images(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) uint8 photo crops from nda_ann.demo_corpus when present, else smooth noise."""
+    try:
+        from nda_ann.demo_corpus import photo_crops
+
+        return photo_crops(n, size, (3, 0), "train")[0], photo_crops(4, size, (3, 1), "heldout")[0]
+    except Exception:  # the demo corpus needs scikit-image's photographs
+        rng = np.random.default_rng(3)
+        x = torch.from_numpy(rng.normal(size=(n + 4, 3, size // 4, size // 4))).float()
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        u8 = (x.clamp(-2, 2) * 60 + 128).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return u8[:n], u8[n:]
+
+
+def test_ivf_recall_against_flat_on_real_ish_images(tmp_path):
+    """IVF-Flat, auto nprobe: 10-recall@10 >= 0.9 for noisy (t = 100) queries; SQ8 >= 0.85."""
+    train, held = real_ish_images(400)
+    store = write_store(tmp_path / "store", train)
+    flat = build_index(store, tmp_path / "flat", ["7"], progress=False)
+    s = Scale(7)
+    ab = 0.895141  # alpha_bar at t = 100 (SPEC section 1): query q / s = x + sqrt(1 - ab) / sqrt(ab) * eps
+    x = torch.from_numpy(to_float(held)).float()
+    noisy = x + float(np.sqrt((1 - ab) / ab)) * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    q = extract_patches(noisy, s).numpy()
+    _, want, want_pos = flat.search(s, q, 10)
+    for factory, floor in (("IVF{nlist},Flat", 0.9), ("IVF{nlist},SQ8", 0.85)):
+        ivf = build_index(store, tmp_path / factory.split(",")[1], ["7"], factory=factory, progress=False)
+        interior = next(c for c in ivf.manifest["scales"][0]["classes"] if c["kind"] == "interior")
+        assert interior["nlist"] >= 64 and interior["train_size"] >= 30 * interior["nlist"]
+        _, got, got_pos = ivf.search(s, q, 10)
+        code_w, code_g = want * 10_000 + want_pos, got * 10_000 + got_pos
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(code_w.reshape(-1, 10), code_g.reshape(-1, 10))])
+        assert recall >= floor, (factory, recall)
