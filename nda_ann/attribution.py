@@ -119,21 +119,36 @@ class Attribution:
         return np.mean(maps, axis=0)
 
     def to_table(self):
-        """A pyarrow table: query, timestep (-1 = mean over timesteps), image_id, source, score, rank."""
+        """A pyarrow table (results.SCHEMA): query, timestep (-1 = mean), image_id, source, score, rank.
+
+        Only nonzero scores; ranks are 1 = highest per query and timestep.
+        """
         import pyarrow as pa
 
-        cols: dict[str, list] = {k: [] for k in ("query", "timestep", "image_id", "source", "score", "rank")}
-        slots = [(t, t) for t in self.timesteps] + ([(None, -1)] if len(self.timesteps) > 1 else [])
+        from .results import MEAN_TIMESTEP, SCHEMA
+
+        cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+        slots = [(t, t) for t in self.timesteps] + ([(None, MEAN_TIMESTEP)] if len(self.timesteps) > 1 else [])
         for q, name in enumerate(self.query_names):
             for t, label in slots:
                 for rank, (i, v, src) in enumerate(self.top(q, self.n_images, t), start=1):
-                    for key, val in zip(cols, (name, label, i, src, v, rank)):
+                    for key, val in zip(SCHEMA.names, (name, label, i, src, v, rank)):
                         cols[key].append(val)
-        return pa.table({
-            "query": pa.array(cols["query"], pa.string()), "timestep": pa.array(cols["timestep"], pa.int32()),
-            "image_id": pa.array(cols["image_id"], pa.int64()), "source": pa.array(cols["source"], pa.string()),
-            "score": pa.array(cols["score"], pa.float64()), "rank": pa.array(cols["rank"], pa.int32()),
-        })
+        return pa.Table.from_arrays([pa.array(cols[f.name], type=f.type) for f in SCHEMA], schema=SCHEMA)
+
+    @classmethod
+    def from_exact(cls, exact, sources: list[str], query_names: list[str], settings: dict[str, Any]) -> "Attribution":
+        """Wrap an ``ExactResult`` (dense scores, kept maps) in the same interface."""
+        t_count, q_count, n = exact.scores.shape
+        out = cls(n, list(exact.timesteps), list(query_names), sources, settings, exact.device, scale_names=[str(s) for s in exact.scales])
+        for ti in range(t_count):
+            for q in range(q_count):
+                ids = np.nonzero(exact.scores[ti, q])[0]
+                out.sparse[(ti, q)] = (ids, exact.scores[ti, q, ids])
+                if (ti, q) in exact.kept_maps:
+                    kept_ids, maps = exact.kept_maps[(ti, q)]
+                    out.kept_maps[(ti, q)] = {int(i): m for i, m in zip(kept_ids, maps)}
+        return out
 
     def to_parquet(self, path) -> None:
         """Write ``to_table()`` atomically to ``path``."""
@@ -233,13 +248,17 @@ class Attributor:
             noisy = [noise_images(queries, t, sched, seed, d) for d in range(noise_draws)]  # each (Q, C, H, W)
             patches = {(d, sc): extract_patches(noisy[d], sc) for d in range(noise_draws) for sc in self.scales}
             hits = {key: self.searcher.search(key[1], (p / s).numpy(), k, nprobe) for key, p in patches.items()}
+            # one fixed random order of the images per (seed, t): each query's outside sample is the
+            # first non-candidates in it, so a query's result does not depend on its batch position
+            order = np.random.default_rng([seed, t]).permutation(n) if mode == "rescore" and outside_sample else None
             for q in range(nq):
                 if mode == "fast":
                     ids, vals = self._fast_scores(q, hits, s, sigma2, weights, noise_draws, topk)
                 else:
                     mass = self._candidate_mass(q, hits, s, sigma2, weights, noise_draws)
                     cand = self._select_candidates(mass, noisy, q, s, min(candidates, n), settings.thumbnail_share_at(t, sched))
-                    ids, vals, maps_q, outside = self._rescore(q, cand, patches, s, sigma2, weights, noise_draws, topk, dtype, outside_sample, seed * 7919 + t * 131 + q, maps)
+                    sample = self._outside_sample(order, cand, outside_sample)
+                    ids, vals, maps_q, outside = self._rescore(q, cand, sample, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
                     result.kept_maps[(ti, q)] = maps_q
                     result.outside_mass[ti, q] = outside
                 result.sparse[(ti, q)] = (ids, vals)
@@ -304,25 +323,30 @@ class Attributor:
         return ids, acc[ids]
 
     # stage 2 -----------------------------------------------------------------------------
-    def _rescore(self, q, cand, patches, s, sigma2, weights, draws, topk, dtype, n_outside, seed, n_maps):
-        """Exact re-scoring of query q against every position of the candidate images."""
+    @staticmethod
+    def _outside_sample(order: np.ndarray | None, cand: np.ndarray, size: int) -> np.ndarray:
+        """A uniform random sample of ``size`` non-candidate images: the first ones in ``order``."""
+        if order is None or size <= 0:
+            return np.empty(0, dtype=np.int64)
+        head = order[: size + len(cand)]
+        return head[~np.isin(head, cand)][:size]
+
+    def _rescore(self, q, cand, sample, noisy, s, sigma2, weights, draws, topk, dtype, n_maps):
+        """Exact re-scoring of query q against every position of the candidate images.
+
+        ``sample`` holds uniformly drawn non-candidates; their exact mass, scaled by
+        (N - M) / len(sample), estimates the non-candidates' share of the softmax normaliser.
+        """
         n, m = self.corpus.count, len(cand)
         inv = 1.0 / (2.0 * sigma2)
-        rng = np.random.default_rng(seed)
         outside_pool = n - m
-        sample = np.empty(0, dtype=np.int64)
-        if outside_pool > 0 and n_outside > 0:
-            mask = np.ones(n, bool)
-            mask[cand] = False
-            pool = np.nonzero(mask)[0]
-            sample = rng.choice(pool, size=min(n_outside, len(pool)), replace=False)
         scores = torch.zeros(m, dtype=torch.float64)
         per_pos: dict[Scale, list[torch.Tensor]] = {}
         outside = np.zeros(len(self.scales))
         for si, (sc, w) in enumerate(zip(self.scales, weights)):
             step = chunk_size(1, self.groups[sc], dtype, self.budget)
             for d in range(draws):
-                qp = patches[(d, sc)][q : q + 1].to(self.device, dtype)
+                qp = extract_patches(noisy[d][q : q + 1].to(self.device, dtype), sc)
                 fulls, aggs = [], []
                 for lo in range(0, m, step):
                     imgs = self.corpus.take(cand[lo : lo + step]).to(self.device, dtype) * s

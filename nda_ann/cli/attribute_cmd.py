@@ -1,0 +1,91 @@
+"""`nda-ann attribute` (index or --exact) and `nda-ann compare`: parse, call the API, print."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .group import main
+
+
+class ScaleParam(click.ParamType):
+    """P or P:F, e.g. 7 or 14:2."""
+
+    name = "scale"
+
+    def convert(self, value, param, ctx):
+        from ..scales import Scale
+
+        try:
+            return Scale.parse(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+def _common(f):
+    opts = [
+        click.option("-t", "--timestep", "timesteps", type=int, multiple=True, default=(100,), show_default=True, help="Diffusion timestep; repeat for several (their mean is reported too)."),
+        click.option("--scale", "scales", type=ScaleParam(), multiple=True, help="Patch scale P or P:F (repeat for two). Index mode: defaults to the index's scales."),
+        click.option("--alpha", type=float, default=None, help="Weight of the first of two scales (default 0.5)."),
+        click.option("--topk", type=click.IntRange(min=1), default=None, help="Sum only the K largest patch weights per image (SPEC 2)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (SPEC 1)."),
+        click.option("--noise-draws", type=click.IntRange(min=1), default=1, show_default=True, help="Average the scores of this many noise draws."),
+        click.option("--schedule", type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]), default="linear", show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i]."),
+        click.option("--k", type=click.IntRange(min=1), default=1024, show_default=True, help="Patches retrieved per query patch."),
+        click.option("--candidates", "-m", type=click.IntRange(min=1), default=200, show_default=True, help="Candidate images re-scored exactly (M)."),
+        click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed (default: the index's)."),
+        click.option("--mode", type=click.Choice(["rescore", "fast"]), default="rescore", show_default=True, help="fast: truncated softmax over the K retrieved patches only."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _fail(err: Exception):
+    raise click.ClickException(str(err)) from err
+
+
+@main.command("attribute")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--exact", is_flag=True, help="SOURCE is a store: score every patch of every image (no index).")
+@_common
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default=None, help="Dense arithmetic (default: float32 for the index path, float64 for --exact).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Results folder.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows printed per query.")
+def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, precision, out_dir, top):
+    """Say which training images QUERY images draw on: SOURCE is an index (or a store with --exact)."""
+    from .. import api
+    from ..errors import NdaError
+
+    try:
+        text = api.attribute_to_folder(
+            source, list(queries), out_dir, exact=exact, timesteps=list(timesteps), scales=list(scales) or None,
+            alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws, schedule=schedule, device=device, k=k,
+            candidates=candidates, nprobe=nprobe, mode=mode, precision=precision, top=top,
+        )
+    except (NdaError, ValueError, FileExistsError) as err:
+        _fail(err)
+    click.echo(text)
+    click.echo(f"wrote {out_dir}/scores.parquet, summary.json and one PNG per query")
+
+
+@main.command("compare")
+@click.argument("index", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@_common
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the metrics here.")
+def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, json_out):
+    """Fidelity of the index path against the exact scorer on the same queries and noise (SPEC 5)."""
+    from .. import api
+    from ..errors import NdaError
+
+    try:
+        text = api.compare_to_exact(
+            index, list(queries), timesteps=list(timesteps), alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws,
+            schedule=schedule, device=device, k=k, candidates=candidates, nprobe=nprobe, mode=mode, json_path=json_out,
+        )
+    except (NdaError, ValueError) as err:
+        _fail(err)
+    click.echo(text)

@@ -1,0 +1,98 @@
+"""The index path (retrieval + exact re-scoring) against the exact scorer, with an exact searcher."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nda_ann.attribution import Attributor
+from nda_ann.exact import exact_scores
+from nda_ann.patches import extract_patches, layout_of_positions
+from nda_ann.scales import Scale
+from nda_ann.store import uint8_to_float
+from nda_ann.torch_search import TorchFlatSearch
+
+
+@pytest.fixture(scope="module")
+def crops():
+    from nda_ann.demo_corpus import demo_corpus
+
+    dc = demo_corpus(n_train=40, n_queries=2, seed=3)
+    small = torch.nn.functional.avg_pool2d(uint8_to_float(dc.train), 2)  # 16x16 real crops
+    queries = torch.nn.functional.avg_pool2d(uint8_to_float(dc.queries), 2)
+    return small[:, :, 2:14, 2:14].contiguous(), queries[:, :, 2:14, 2:14].contiguous()
+
+
+@pytest.mark.parametrize("scales,topk", [([3], None), ([3], 4), (["4:2"], None), ([4, "2:2"], None), ([4, "2:2"], 5)])
+def test_rescoring_all_images_equals_exact(crops, scales, topk):
+    corpus, queries = crops
+    att = Attributor(TorchFlatSearch(corpus, scales), corpus, scales)
+    got = att.attribute(queries, [100, 300], k=16, candidates=len(corpus), topk=topk, precision="float64", outside_sample=0)
+    want = exact_scores(corpus, queries, timesteps=[100, 300], scales=scales, topk=topk)
+    assert np.abs(got.scores - want).max() <= 1e-9 * want.max()
+    assert got.outside_mass.max() == 0
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_fast_mode_with_every_candidate_retrieved_equals_exact(crops, topk):
+    corpus, queries = crops
+    att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
+    every = len(corpus) * 100  # more than any layout class holds: the truncated softmax is the full one
+    got = att.attribute(queries, 300, k=every, mode="fast", topk=topk)
+    want = exact_scores(corpus, queries, timesteps=300, scales=[3], topk=topk)
+    assert np.abs(got.scores - want).max() <= 1e-6 * want.max()
+
+
+def test_torch_search_returns_brute_force_neighbours_of_the_same_layout(crops):
+    corpus, queries = crops
+    scale = Scale(5)
+    q = extract_patches(queries, scale).numpy()  # (Q, L, D)
+    dist, image, position = TorchFlatSearch(corpus, [scale], chunk_images=7).search(scale, q, 6)
+    cand = extract_patches(corpus, scale).numpy()  # (N, L, D)
+    layout = layout_of_positions(12, scale).numpy()
+    for qi in range(q.shape[0]):
+        for u in [0, 5, 30, 77, 143]:
+            same = np.nonzero(layout == layout[u])[0]
+            d = ((cand[:, same] - q[qi, u]) ** 2).sum(-1)  # (N, V)
+            want = np.sort(d.ravel())[:6]
+            np.testing.assert_allclose(dist[qi, u], want, rtol=1e-4, atol=1e-4)
+            assert set(layout[position[qi, u]]) == {layout[u]}
+            got_d = ((cand[image[qi, u], position[qi, u]] - q[qi, u]) ** 2).sum(-1)
+            np.testing.assert_allclose(got_d, dist[qi, u], rtol=1e-4, atol=1e-4)
+
+
+def test_small_candidate_set_finds_copy_and_reports_outside_mass(crops):
+    corpus, _ = crops
+    att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
+    res = att.attribute(corpus[[7, 21]], [100, 500], k=32, candidates=5, outside_sample=8, seed=1)
+    assert [res.top(q, 1, 100)[0][0] for q in range(2)] == [7, 21]
+    assert ((res.outside_mass > 0) & (res.outside_mass < 1)).all()
+    per_image = res.scores
+    assert (np.count_nonzero(per_image, axis=-1) <= 5).all()
+    # mass of the candidates plus the estimated outside share is the positions count (144)
+    np.testing.assert_allclose(per_image.sum(-1) / (1 - res.outside_mass[..., 0]), 144, rtol=1e-4)
+
+
+def test_attribution_api_inputs_heatmaps_and_parquet(crops, tmp_path):
+    import pyarrow.parquet as pq
+
+    corpus, queries = crops
+    att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
+    u8 = ((queries[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    Image.fromarray(u8).save(tmp_path / "q.png")
+    res = att.attribute([tmp_path / "q.png", Image.fromarray(u8), u8, uint8_to_float(u8[None])[0]], [100, 300], k=16, candidates=10)
+    s = res.scores
+    assert s.shape == (2, 4, len(corpus))
+    np.testing.assert_allclose(s[:, 1:], np.repeat(s[:, :1], 3, axis=1), atol=1e-5 * s.max())
+    best, score, _ = res.top(0, 1, 100)[0]
+    heat = res.heatmap(0, best, timestep=100)
+    assert heat.shape == (12, 12) and heat.sum() == pytest.approx(score, rel=1e-6)
+    with pytest.raises(KeyError, match="maps are kept"):
+        res.heatmap(0, int(np.argmin(s[0, 0])), timestep=100)
+    res.to_parquet(tmp_path / "s.parquet")
+    rows = pq.read_table(tmp_path / "s.parquet").to_pylist()
+    assert {r["timestep"] for r in rows} == {100, 300, -1}
+    assert all(r["score"] > 0 for r in rows)
+    first = [r for r in rows if r["query"] == "q.png" and r["timestep"] == 100 and r["rank"] == 1][0]
+    assert first["image_id"] == best
