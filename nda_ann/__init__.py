@@ -1,8 +1,23 @@
-"""nda-ann: nonparametric data attribution for diffusion models, via patch retrieval."""
+"""nda-ann: nonparametric data attribution for diffusion models, via patch retrieval.
+
+Pipeline: ``ingest`` a corpus into a Store -> ``build_index`` (FAISS, per scale and layout class)
+-> ``Attributor.open(index).attribute(images)``; ``exact_scores`` is the reference scorer.
+"""
 __version__ = "0.1.0"
 
 from .scales import Scale, parse_scales  # noqa: E402
 from .schedule import NoiseSchedule, noise, noise_images  # noqa: E402
 from .store import Store, write_store  # noqa: E402
+from .ingest import ingest  # noqa: E402
+from .exact import ExactResult, exact_attribution, exact_scores, patch_weights  # noqa: E402
+from .attribution import Attribution, Attributor  # noqa: E402
+from .torch_search import TorchFlatSearch  # noqa: E402
+from .fidelity import fidelity, fidelity_table  # noqa: E402
+from .index import PatchIndex, add_to_index, build_index  # noqa: E402
+from .demo_corpus import demo_corpus  # noqa: E402
 
-__all__ = ["__version__", "Scale", "parse_scales", "NoiseSchedule", "noise", "noise_images", "Store", "write_store"]
+__all__ = [
+    "__version__", "Scale", "parse_scales", "NoiseSchedule", "noise", "noise_images", "Store", "write_store",
+    "ingest", "ExactResult", "exact_attribution", "exact_scores", "patch_weights", "Attribution", "Attributor",
+    "TorchFlatSearch", "fidelity", "fidelity_table", "PatchIndex", "add_to_index", "build_index", "demo_corpus",
+]

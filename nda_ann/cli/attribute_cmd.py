@@ -47,7 +47,7 @@ def _fail(err: Exception):
 
 
 @main.command("attribute")
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", type=click.Path())
 @click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--exact", is_flag=True, help="SOURCE is a store: score every patch of every image (no index).")
 @_common
@@ -72,7 +72,7 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
 
 
 @main.command("compare")
-@click.argument("index", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("index", type=click.Path())
 @click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @_common
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the metrics here.")
