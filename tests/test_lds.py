@@ -85,11 +85,26 @@ def test_configs_validate_and_overrides_are_typed():
 
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="the photo crops ship with scikit-image")
 def test_toy_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    import torch
+
     from tools.lds import run as run_mod
+
+    # one torch thread (tiny tensors; on a busy 2-core runner two threads are several times slower),
+    # restored afterwards for the other tests
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(run_mod.torch, "set_num_threads", lambda n: None)
+    torch.set_num_threads(1)
+    try:
+        _toy_pipeline(tmp_path, monkeypatch, run_mod)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _toy_pipeline(tmp_path, monkeypatch, run_mod):
     from tools.lds import train as train_mod
 
     config = get_config("toy")
-    report = run_mod.LdsRun(config, tmp_path, device="cpu", threads=None, echo=lambda s: None).run()
+    report = run_mod.LdsRun(config, tmp_path, device="cpu", threads=1, echo=lambda s: None).run()
     folder = Path(report["folder"])
     assert folder == tmp_path / "toy"
     methods = report["methods"]
@@ -111,7 +126,7 @@ def test_toy_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "train_model", no_training)
     monkeypatch.setattr(run_mod, "train_model", no_training)
-    again = run_mod.LdsRun(config, tmp_path, device="cpu", threads=None, echo=lambda s: None).run()
+    again = run_mod.LdsRun(config, tmp_path, device="cpu", threads=1, echo=lambda s: None).run()
     assert again["methods"]["nda_100_3"]["all"]["lds"] == methods["nda_100_3"]["all"]["lds"]
 
     # a folder holding results of other settings is refused, not silently mixed
@@ -119,7 +134,7 @@ def test_toy_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     stored = json.loads(meta.read_text())
     meta.write_text(json.dumps({**stored, "fingerprint": "000000000000"}))
     with pytest.raises(ValueError, match="different settings"):
-        run_mod.LdsRun(config, tmp_path, device="cpu", threads=None, echo=lambda s: None)
+        run_mod.LdsRun(config, tmp_path, device="cpu", threads=1, echo=lambda s: None)
 
 
 def test_benchmarks_section_replaces_only_its_markers(tmp_path):

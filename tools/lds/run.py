@@ -232,7 +232,8 @@ class LdsRun:
         kinds = np.asarray(self.queries["kinds"])
         specs = M.method_specs(cfg)
         with self.phase("attribution scores"):
-            all_scores = {s.key: self.scores(s) for s in specs}
+            # means over the sweep last, so they reuse the sweep's cached scores
+            all_scores = {s.key: self.scores(s) for s in sorted(specs, key=lambda s: s.family == "nda_mean")}
         results = {}
         with self.phase("LDS + bootstrap"):
             for s in specs:

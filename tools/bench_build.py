@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""Index build benchmark: vectors per second, bytes per vector and peak RSS (32x32 photo crops).
+
+    nice -n 10 python tools/bench_build.py --workdir /tmp/nda-bench --write
+
+1. A full ``auto`` build of a small corpus (default 5,000 images, scales 7 and 14:2), in a child
+   process (its peak RSS from wait4), then serving: open memory-mapped, search 4 queries.
+2. The cost of the layout rule: per-class Flat sub-indexes against one Flat index of every
+   position (which ignores the rule), same vectors, same queries.
+3. A large corpus (default 100,000 images): what ``auto`` plans at stride 1 and 2 (no build), then
+   the production train + shard code on a measured fraction of the images with the large plan's
+   index kinds; k-means uses nlist / --nlist-divisor so it ends on this CPU, and the full build is
+   extrapolated from the measured rates (labelled as such).
+
+Writes a section between <!-- bench_build --> markers of BENCHMARKS.md with --write.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nda_ann.store import Store, write_store  # noqa: E402
+
+BEGIN, END = "<!-- bench_build -->", "<!-- /bench_build -->"
+
+
+def photo_store(workdir: Path, n: int, seed: int = 0) -> Store:
+    """A store of n 32x32 crops (rotated, jittered) of the shipped photographs; cached in workdir."""
+    path = workdir / f"store-{n}"
+    if (path / "manifest.json").exists():
+        return Store.open(path)
+    try:
+        from nda_ann.demo_corpus import photo_crops
+
+        images = photo_crops(n, 32, (seed, 0), "train", rotate=True, jitter=True)[0]
+    except ImportError:  # no demo corpus: smooth random images
+        import torch
+
+        x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False)
+        images = (x.clamp(-2, 2) * 60 + 128).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return write_store(path, images)
+
+
+def held_out(n: int = 4) -> np.ndarray:
+    from nda_ann.demo_corpus import photo_crops
+
+    return photo_crops(n, 32, (0, 1), "heldout")[0]
+
+
+def child(code: str, *args: str) -> tuple[float, int, str]:
+    """Run python code in a child process: (wall seconds, peak RSS bytes, stdout)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"child failed ({proc.returncode}):\n{out[-2000:]}")
+    return time.perf_counter() - t0, usage.ru_maxrss * 1024, out
+
+
+BUILD = """
+import sys, json, logging
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+from nda_ann.index import build_index
+ix = build_index(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), factory=sys.argv[4], memory_budget=sys.argv[5],
+                 candidate_stride=int(sys.argv[6]), overwrite=True, progress=False)
+"""
+
+SERVE = """
+import sys, json, time, numpy as np, torch
+from nda_ann.index import PatchIndex
+from nda_ann.patches import extract_patches
+q = torch.from_numpy(np.load(sys.argv[2])).permute(0, 3, 1, 2).float() / 127.5 - 1
+ix = PatchIndex.open(sys.argv[1], mmap=True)
+out = {}
+for s in ix.scales:
+    v = extract_patches(q, s).numpy()
+    ix.search(s, v[:1], 8)  # load the sub-indexes
+    t = time.perf_counter(); ix.search(s, v, int(sys.argv[3])); out[str(s)] = (time.perf_counter() - t) / len(v)
+print(json.dumps(out))
+"""
+
+
+def bench_full(workdir: Path, n: int, scales: list[str], budget: str, k: int) -> dict:
+    """Build an auto index of n images in a child process; then serve it memory-mapped."""
+    from nda_ann.index.info import scale_sizes
+
+    store = photo_store(workdir, n)
+    index = workdir / f"index-{n}"
+    wall, rss, _ = child(BUILD, str(store.path), str(index), json.dumps(scales), "auto", budget, "1")
+    m = json.loads((index / "manifest.json").read_text())
+    per_scale = {e["scale"]: scale_sizes(index, e) | {"factories": e["factories"]} for e in m["scales"]}
+    vectors = sum(s["vectors"] for s in per_scale.values())
+    np.save(workdir / "queries.npy", held_out())
+    swall, srss, out = child(SERVE, str(index), str(workdir / "queries.npy"), str(k))
+    return {"images": n, "wall": wall, "peak_rss": rss, "vectors": vectors, "vps": vectors / wall,
+            "scales": per_scale, "search_s_per_image": json.loads(out), "serve_rss": srss, "k": k,
+            "disk": sum(s["bytes"] for s in per_scale.values())}
+
+
+def bench_layout_cost(workdir: Path, n: int = 1000, k: int = 256) -> dict:
+    """Per-class Flat sub-indexes (layout rule) vs one Flat index of all positions, scale 7."""
+    import faiss
+    import torch
+
+    from nda_ann.index import build_index
+    from nda_ann.patches import extract_patches
+    from nda_ann.scales import Scale
+
+    store = photo_store(workdir, n)
+    ix = build_index(store, workdir / f"flat-{n}", ["7"], factory="Flat", overwrite=True, progress=False)
+    s = Scale(7)
+    q = extract_patches(torch.from_numpy(held_out(2)).permute(0, 3, 1, 2).float() / 127.5 - 1, s).numpy()
+    ix.search(s, q[:1], 8)
+    t = time.perf_counter()
+    ix.search(s, q, k)
+    per_class = (time.perf_counter() - t) / len(q)
+    single = faiss.IndexFlatL2(s.dim(3))
+    for _, batch in store.batches(256):
+        single.add(np.ascontiguousarray(extract_patches(batch, s).numpy().reshape(-1, s.dim(3))))
+    t = time.perf_counter()
+    single.search(np.ascontiguousarray(q.reshape(-1, q.shape[-1])), k)
+    one = (time.perf_counter() - t) / len(q)
+    disk = sum(f.stat().st_size for f in (workdir / f"flat-{n}").rglob("*.faiss"))
+    return {"images": n, "per_class_s": per_class, "single_s": one, "classes": 49,
+            "per_class_bytes_per_vector": disk / single.ntotal, "single_bytes_per_vector": 4 * s.dim(3)}
+
+
+FRACTION = """
+import sys, json, re, time, resource, logging
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+from pathlib import Path
+from dataclasses import replace
+from nda_ann.store import Store
+from nda_ann.scales import Scale
+from nda_ann.index.plan import plan_scale, specs_of, batch_images
+from nda_ann.index.layout_ids import class_layouts
+from nda_ann.index.factory import make_index, code_bytes, train_size_for
+from nda_ann.index.train import train_templates
+from nda_ann.index.shard import build_shard
+store = Store.open(sys.argv[1]); out = Path(sys.argv[2]); total = int(sys.argv[3]); scale = Scale.parse(sys.argv[4])
+stride, budget, div = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+entry = plan_scale(scale, total, 32, 3, stride, "auto", budget)
+layouts = class_layouts(32, scale, stride)
+specs = []
+for spec in specs_of(entry):
+    if spec.nlist:
+        nl = max(16, spec.nlist // div)
+        fac = re.sub(r"IVF[0-9]+", f"IVF{nl}", spec.factory)
+        spec = replace(spec, factory=fac, nlist=nl, train_size=train_size_for(10**12, nl, entry["dim"], budget))
+    specs.append(spec)
+batch = batch_images(budget, 32, 3, [scale])
+t = time.perf_counter()
+train_templates(store, scale, layouts, specs, out / "trained", 0, batch, budget, False, False)
+train_s = time.perf_counter() - t
+t = time.perf_counter()
+done = build_shard(store, (0, len(store)), 0, scale, layouts, specs, out / "trained", out / "shard", batch, False, {}, False)
+add_s = time.perf_counter() - t
+by_kind = {}
+for c, spec, n in zip(entry["classes"], specs, done["ntotal"]):
+    k = by_kind.setdefault(c["kind"], {"vectors": 0, "bytes": 0, "factory": spec.factory})
+    k["vectors"] += n; k["bytes"] += done["files"][f"class-{c['index']:03d}.faiss"]
+print(json.dumps({"train_s": train_s, "add_s": add_s, "vectors": sum(done["ntotal"]), "by_kind": by_kind,
+                  "train_points": sum(s.train_size for s in specs), "nlists": sorted({s.nlist for s in specs if s.nlist}),
+                  "full_nlists": sorted({c["nlist"] for c in entry["classes"] if c["nlist"]})}))
+"""
+
+
+def bench_large(workdir: Path, total: int, fraction: int, scales: list[str], budget: str, stride: int,
+                divisor: int) -> dict:
+    """What auto plans for ``total`` images, and the production code measured on ``fraction`` images."""
+    from nda_ann.index.factory import parse_memory
+    from nda_ann.index.plan import kind_factories, plan_scale
+    from nda_ann.scales import Scale
+
+    b = parse_memory(budget)
+    plans = {}
+    for st in (1, 2):
+        for sc in scales:
+            e = plan_scale(Scale.parse(sc), total, 32, 3, st, "auto", b)
+            nvec = total * sum(c["indexed"] for c in e["classes"])
+            plans[(st, sc)] = {"vectors": nvec, "bytes": total * e["bytes_per_image"],
+                               "bytes_per_vector": total * e["bytes_per_image"] / nvec,
+                               "factories": kind_factories(e), "shards": -(-total // e["images_per_shard"]),
+                               "nlist": sorted({c["nlist"] for c in e["classes"] if c["nlist"]}),
+                               "train": sum(c["train_size"] for c in e["classes"])}
+    store = photo_store(workdir, fraction, seed=1)
+    measured = {}
+    for sc in scales:
+        out = workdir / f"fraction-{sc.replace(':', 'f')}-s{stride}"
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss, text = child(FRACTION, str(store.path), str(out), str(total), sc, str(stride), str(b), str(divisor))
+        r = json.loads(text)
+        r.update(wall=wall, peak_rss=rss)
+        measured[sc] = r
+    return {"total": total, "fraction": fraction, "stride": stride, "divisor": divisor, "plans": plans,
+            "measured": measured}
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def report(full: dict, layout: dict, large: dict, budget: str) -> str:
+    cpu = re.sub(r"\s+", " ", next((ln.split(":", 1)[1] for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                                   if ln.startswith("model name")), platform.processor())).strip()
+    import faiss
+    import torch
+
+    lines = [BEGIN, "## Index build (tools/bench_build.py)", "",
+             f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load {os.getloadavg()[0]:.1f} at the end), "
+             f"faiss {faiss.__version__}, torch {torch.__version__}, CPU only. 32x32x3 photo crops (rotated, colour-jittered) "
+             f"from nda_ann.demo_corpus; memory budget {budget}; run once with `nice -n 10`.", "",
+             f"### {full['images']:,} images, scales 7 and 14:2, stride 1, `--factory auto`: full build, measured", "",
+             "| scale | vectors | on disk | bytes/vector | interior | edge | corner |", "|---|---|---|---|---|---|---|"]
+    for sc, s in full["scales"].items():
+        f = s["factories"]
+        lines.append(f"| {sc} | {s['vectors']:,} | {fmt_bytes(s['bytes'])} | {s['bytes_per_vector']:.1f} | "
+                     f"{', '.join(f.get('interior', []))} | {', '.join(f.get('edge', []))} | {', '.join(f.get('corner', []))} |")
+    lines += ["", f"Build: {full['wall']:.0f} s wall for {full['vectors']:,} vectors = **{full['vps'] / 1e3:.0f}k vectors/s** "
+              f"(training included), peak RSS **{fmt_bytes(full['peak_rss'])}**, {fmt_bytes(full['disk'])} on disk. "
+              f"Serving (memory-mapped, k = {full['k']}, default nprobe): "
+              + ", ".join(f"scale {k}: {v:.2f} s per query image" for k, v in full["search_s_per_image"].items())
+              + f"; peak RSS of the serving process {fmt_bytes(full['serve_rss'])}.", "",
+              f"### Cost of the layout rule ({layout['images']:,} images, scale 7, Flat, k = 256)", "",
+              f"One Flat sub-index per layout class ({layout['classes']} classes): **{layout['per_class_s']:.2f} s** per query image; "
+              f"one Flat index of all positions (ignores the layout rule, so it is not a valid answer): "
+              f"**{layout['single_s']:.2f} s**. Each query position scans only its own class, so the per-class layout "
+              f"does less work (sum of squared class sizes, 676^2 + 12 x 26^2 + 36 against 1024^2 per image: 2.25x fewer "
+              f"distances). Bytes: {layout['per_class_bytes_per_vector']:.1f} per vector against {layout['single_bytes_per_vector']} "
+              "raw: the layout-coded ids (image * width + j) need no id map (an IDMap would add 8 bytes per vector; "
+              "IVF inverted lists still keep their own 8-byte label, counted in the IVF figures).", ""]
+    t, fr = large["total"], large["fraction"]
+    lines += [f"### {t:,} images: what `auto` plans (no build)", "",
+              "| stride | scale | vectors | est. size | bytes/vector | shards (budget) | nlist | training points | interior | edge | corner |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (st, sc), p in large["plans"].items():
+        f = p["factories"]
+        lines.append(f"| {st} | {sc} | {p['vectors']:,} | {fmt_bytes(p['bytes'])} | {p['bytes_per_vector']:.1f} | {p['shards']} | "
+                     f"{', '.join(map(str, p['nlist'])) or '-'} | {p['train']:,} | {', '.join(f.get('interior', []))} | "
+                     f"{', '.join(f.get('edge', []))} | {', '.join(f.get('corner', []))} |")
+    lines += ["", f"### {t:,} images, stride {large['stride']}: measured on {fr:,} images ({100 * fr / t:.0f}%), extrapolated", "",
+              f"The production training and shard code, with the index kinds `auto` picks for {t:,} images, run on the first "
+              f"{fr:,} images. k-means used nlist / {large['divisor']} so that it ends on this CPU; the extrapolation scales "
+              "training by divisor^2 (points and centroids both grow with nlist) and adding linearly in images "
+              "(HNSW coarse quantizer: assignment grows only slowly with nlist).", "",
+              "| scale | measured: train (reduced nlist) | add | vectors | add vectors/s | peak RSS | bytes/vector on disk | extrapolated: train | add | total |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for sc, r in large["measured"].items():
+        scale_up = t / fr
+        tr = r["train_s"] * large["divisor"] ** 2
+        ad = r["add_s"] * scale_up
+        bpv = sum(k["bytes"] for k in r["by_kind"].values()) / r["vectors"]
+        lines.append(f"| {sc} | {r['train_s']:.0f} s (nlist {r['nlists']}) | {r['add_s']:.0f} s | {r['vectors']:,} | "
+                     f"{r['vectors'] / r['add_s'] / 1e3:.0f}k | {fmt_bytes(r['peak_rss'])} | {bpv:.1f} | "
+                     f"{tr / 3600:.1f} h (nlist {r['full_nlists']}) | {ad / 3600:.1f} h | {(tr + ad) / 3600:.1f} h |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("corpora")
+    g.add_argument("--small", type=int, default=5000, help="images of the fully built corpus")
+    g.add_argument("--large", type=int, default=100_000, help="images of the planned + extrapolated corpus")
+    g.add_argument("--fraction", type=int, default=5000, help="images measured for the large corpus")
+    g.add_argument("--scales", nargs="+", default=["7", "14:2"])
+    g = ap.add_argument_group("index")
+    g.add_argument("--budget", default="8G")
+    g.add_argument("--stride", type=int, default=1, help="candidate stride of the measured large fraction")
+    g.add_argument("--nlist-divisor", type=int, default=16)
+    g.add_argument("--k", type=int, default=256)
+    g = ap.add_argument_group("output")
+    g.add_argument("--workdir", type=Path, default=Path("/tmp/nda-bench"))
+    g.add_argument("--write", action="store_true", help="update the bench_build section of BENCHMARKS.md")
+    g.add_argument("--json", type=Path, default=None, help="also dump the raw figures here")
+    a = ap.parse_args()
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    full = bench_full(a.workdir, a.small, a.scales, a.budget, a.k)
+    print(json.dumps(full, indent=1, default=str), flush=True)
+    layout = bench_layout_cost(a.workdir)
+    print(json.dumps(layout, indent=1), flush=True)
+    large = bench_large(a.workdir, a.large, a.fraction, a.scales, a.budget, a.stride, a.nlist_divisor)
+    print(json.dumps(large, indent=1, default=str), flush=True)
+    section = report(full, layout, large, a.budget)
+    print(section)
+    if a.json:
+        a.json.write_text(json.dumps({"full": full, "layout": layout, "large": {**large, "plans": {
+            f"{k[0]}:{k[1]}": v for k, v in large["plans"].items()}}}, indent=1, default=str))
+    if a.write:
+        write_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", section)
+
+
+if __name__ == "__main__":
+    main()
