@@ -1,13 +1,19 @@
 """Atomic publication of files and folders: a reader sees the old version or the new, never a mix."""
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
+import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+PUBLISH_ATTEMPTS = 20
 
 
 def fsync_dir(path: Path) -> None:
@@ -42,21 +48,90 @@ def publish_dir(staging: Path, final: Path, overwrite: bool = False) -> None:
 
     With ``overwrite``, an existing ``final`` is first renamed aside and removed only after the new
     one is in place, so a crash leaves either version complete (the aside copy is named
-    ``.<name>.old-*``). Without it an existing ``final`` is an error and nothing changes.
+    ``.<name>.old-*``; between the two renames ``final`` is briefly absent, never partial). Asides
+    left by such a crash are removed by the next successful publication. Another writer publishing
+    the same ``final`` at the same time is retried: the last one wins. Without ``overwrite`` an
+    existing ``final`` is an error and nothing changes.
     """
     staging, final = Path(staging), Path(final)
     fsync_dir(staging)
-    if final.exists():
-        if not overwrite:
-            raise FileExistsError(f"{final} already exists; pass overwrite to replace it")
-        aside = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, aside)
-        os.rename(staging, final)
+    for _ in range(PUBLISH_ATTEMPTS):
+        aside = None
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(f"{final} already exists; pass overwrite to replace it")
+            aside = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(final, aside)
+            except FileNotFoundError:  # another writer moved it first
+                continue
+        try:
+            os.rename(staging, final)
+        except OSError as err:
+            raced = err.errno in (errno.ENOTEMPTY, errno.EEXIST)  # another writer published in between
+            if aside is not None and raced:
+                shutil.rmtree(aside, ignore_errors=True)
+            elif aside is not None:
+                try:
+                    os.rename(aside, final)  # put the old version back
+                except OSError:
+                    pass  # it stays complete at the aside name
+            if not raced:
+                raise
+            if not overwrite:
+                raise FileExistsError(f"{final} already exists; pass overwrite to replace it") from err
+            continue  # another writer published in between: replace its version
         fsync_dir(final.parent)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.rename(staging, final)
-        fsync_dir(final.parent)
+        for stale in final.parent.glob(f".{glob.escape(final.name)}.old-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # this one's aside, and any a crash left behind
+        return
+    raise OSError(errno.EBUSY, f"could not publish {final}: other writers kept replacing it")
+
+
+def wait_for_folder(path: Path, seconds: float = 1.0) -> bool:
+    """Whether folder ``path`` exists, waiting up to ``seconds`` while a replacement is in flight.
+
+    ``publish_dir`` with overwrite leaves ``path`` absent for the instant between its two renames,
+    with the old version at ``.<name>.old-*``; a reader arriving then waits for the new one.
+    """
+    path = Path(path)
+    deadline = time.monotonic() + seconds
+    while not path.is_dir():
+        if time.monotonic() > deadline or not any(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class FolderIdentity:
+    """Tells whether ``path`` still leads to the folder it led to when this object was made.
+
+    Readers that load files lazily use it to notice that the folder they opened was replaced
+    (``publish_dir`` with overwrite) and so never mix files of two versions. An open descriptor of
+    the folder is held so that its inode cannot be reused after the replacement deletes it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:  # not a folder, or a platform that cannot open one: compare by stat only
+            st = os.stat(self.path)
+        else:
+            st = os.fstat(fd)
+            weakref.finalize(self, os.close, fd)
+        self.key = (st.st_dev, st.st_ino)
+
+    def replaced(self) -> bool:
+        """True when ``path`` is gone or now names another folder."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.key
+
+    def __reduce__(self):  # a copy in another process pins the folder the path names there
+        return (FolderIdentity, (self.path,))
 
 
 @contextmanager

@@ -176,11 +176,17 @@ class Attributor:
     @classmethod
     def open(cls, index_path, device="auto", mmap: bool = True) -> "Attributor":
         """Open an index built by ``nda-ann build`` together with the store(s) it was built from."""
+        from .errors import IndexError_
         from .index import PatchIndex
         from .store import Store
 
         index = PatchIndex.open(index_path, mmap=mmap)
         stores = [Store.open(p) for p in index.store_paths()]
+        for store, entry in zip(stores, index.manifest["stores"]):
+            if store.fingerprint != entry["fingerprint"]:
+                raise IndexError_(store.path, f"the store's pixels are not the ones indexed in {index.path} (fingerprint "
+                                              f"{store.fingerprint[:12]}, indexed {entry['fingerprint'][:12]}): it was "
+                                              "re-ingested or replaced after the build; restore it or rebuild the index")
         thumbs = index.thumbnails() if hasattr(index, "thumbnails") else None
         return cls(index, stores, index.scales, index_id=index.manifest.get("index_id") or index.manifest.get("created"), device=device, thumbs=thumbs)
 

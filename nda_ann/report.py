@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import write_json_atomic
+from .atomic import staging_dir, write_json_atomic
 from .attribution import Attribution
 from .errors import InputError
 from .figures import Proponent, render_attribution
@@ -29,23 +29,29 @@ def _safe(name: str) -> str:
 
 
 def prepare_out_dir(out: Path) -> Path:
-    """Use ``out`` if new, empty, or an earlier results folder (has summary.json); refuse otherwise."""
+    """Check ``out`` is new, empty, or an earlier results folder (has summary.json); refuse otherwise."""
     out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise InputError(out, "--out exists and is not a folder")
         if any(out.iterdir()) and not (out / "summary.json").exists():
             raise InputError(out, "--out is a non-empty folder that holds no earlier nda-ann results; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def write_report(out: Path, attribution: Attribution, queries: torch.Tensor, corpus: CorpusView, summary: dict[str, Any], top: int = 5) -> str:
     """Write the results folder and return the stdout table (top ``top`` per query and timestep).
 
-    queries: (Q, C, H, W) floats in [-1, 1]. Every file is written atomically.
+    queries: (Q, C, H, W) floats in [-1, 1]. The folder is written in a hidden sibling and then
+    published in one rename (``atomic.staging_dir``): a reader, or a failure part-way, sees the
+    earlier results folder complete or the new one, never a mix (nor figures of earlier queries).
     """
-    out = prepare_out_dir(out)
+    final = prepare_out_dir(out).resolve()
+    with staging_dir(final, overwrite=True) as staged:
+        return _write_report(staged, attribution, queries, corpus, summary, top)
+
+
+def _write_report(out: Path, attribution: Attribution, queries: torch.Tensor, corpus: CorpusView, summary: dict[str, Any], top: int) -> str:
     table = attribution.to_table()
     write_parquet_atomic(table, out / "scores.parquet")
     figures = []

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import __version__
-from .atomic import staging_dir, write_json_atomic
+from .atomic import FolderIdentity, staging_dir, wait_for_folder, write_json_atomic
 from .errors import StoreError
 
 STORE_FORMAT = "nda-ann-store"
@@ -51,9 +51,10 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 class Store:
     """A read-only view of a store folder. ``images`` is a (N, R, R, C) uint8 memmap."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], identity: FolderIdentity | None = None):
         self.path = Path(path)
         self.manifest = manifest
+        self._identity = identity or FolderIdentity(self.path)  # the folder the manifest was read from
         self.resolution = int(manifest["resolution"])
         self.channels = int(manifest["channels"])
         self.count = int(manifest["count"])
@@ -66,11 +67,32 @@ class Store:
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> "Store":
-        """Open and check a store; ``verify`` also re-hashes the pixels against the manifest."""
+        """Open and check a store; ``verify`` also re-hashes the pixels against the manifest.
+
+        A store replaced (``ingest --overwrite``) while it is being opened is opened again, so the
+        manifest and the pixels always come from one version.
+        """
         path = Path(path)
+        for _ in range(3):
+            if not wait_for_folder(path):
+                raise StoreError(path, "no such store folder (make one with `nda-ann ingest SOURCE STORE`)")
+            try:
+                identity = FolderIdentity(path)
+            except OSError:
+                continue  # replaced between the check and the pin
+            try:
+                store = cls._open(path, identity, verify)
+            except (StoreError, OSError):
+                if identity.replaced():
+                    continue  # read half from the version that was replaced: open the new one
+                raise
+            if not identity.replaced():
+                return store
+        raise StoreError(path, "the store kept being replaced while it was opened; try again")
+
+    @classmethod
+    def _open(cls, path: Path, identity: FolderIdentity, verify: bool) -> "Store":
         mpath = path / MANIFEST_FILE
-        if not path.is_dir():
-            raise StoreError(path, "no such store folder (make one with `nda-ann ingest SOURCE STORE`)")
         if not mpath.is_file():
             raise StoreError(path, "not a store: manifest.json is missing (an interrupted ingest never publishes one; run the ingest again)")
         try:
@@ -94,7 +116,7 @@ class Store:
             raise StoreError(path / RECORDS_FILE, "missing records table; re-ingest")
         if verify and manifest.get("images_sha256") and sha256_file(ipath) != manifest["images_sha256"]:
             raise StoreError(ipath, "pixel checksum does not match the manifest: the file was modified; re-ingest")
-        return cls(path, manifest)
+        return cls(path, manifest, identity)
 
     def __len__(self) -> int:
         return self.count
@@ -128,7 +150,16 @@ class Store:
     def records(self) -> pa.Table:
         """The records table: row_id, source, orig_width, orig_height, kept metadata columns."""
         if self._records is None:
-            self._records = pq.read_table(self.path / RECORDS_FILE)
+            replaced = StoreError(self.path, "the store was replaced (re-ingested) since it was opened; open it again")
+            if self._identity.replaced():
+                raise replaced
+            try:
+                records = pq.read_table(self.path / RECORDS_FILE)
+            except OSError as err:
+                raise (replaced if self._identity.replaced() else StoreError(self.path / RECORDS_FILE, f"unreadable records table: {err}")) from err
+            if self._identity.replaced():  # the read may have come from the new version
+                raise replaced
+            self._records = records
         return self._records
 
     def sources(self) -> list[str]:

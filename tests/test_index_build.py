@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from nda_ann.errors import IndexError_, InputError, NdaError
 from nda_ann.index import PatchIndex, add_to_index, build_index, class_layouts, parse_memory
-from nda_ann.index.factory import auto_nlist, class_spec
+from nda_ann.index.factory import auto_nlist, class_specs
 from nda_ann.patches import extract_patches, layout_groups
 from nda_ann.scales import Scale
 from nda_ann.store import write_store
@@ -76,16 +76,23 @@ def test_layout_classes_partition_the_grid_and_keep_every_class(size, scale, str
 def test_auto_choice_by_class_size_and_budget():
     g8 = parse_memory("8G")
     assert parse_memory("512M") == 512 << 20 and parse_memory("1.5g") == int(1.5 * (1 << 30)) and parse_memory(100) == 100
-    assert class_spec(100_000, 1_000_000, 147, g8).factory == "Flat"
-    mid = class_spec(3_000_000, 5_000_000, 147, g8)
-    assert mid.tier == "ivf-flat" and mid.nlist == auto_nlist(3_000_000) == 8192 and 30 * mid.nlist <= mid.train_size
-    assert class_spec(3_000_000, 100_000_000, 147, g8).tier == "ivf-sq8"
-    big = class_spec(67_600_000, 100_000_000, 147, g8)
-    assert big.tier == "ivf-pq-fastscan" and big.factory.startswith("OPQ32_128,IVF32768,PQ32x4fs") and big.code_bytes == 24
-    assert class_spec(1_500_000, 100_000_000, 147, g8).tier == "ivf-sq8"  # flat would not fit comfortably
-    assert class_spec(1000, 1000, 147, g8, "IVF1024,Flat").factory == "Flat"  # too few to train 1024 lists
+    # a scale whose float32 vectors fit in B/2: exact up to 2M vectors per class, IVF-Flat above
+    small, mid = class_specs([100_000, 3_000_000], 147, g8)
+    assert small.factory == "Flat" and small.exact
+    assert mid.tier == "ivf-flat" and mid.nlist == auto_nlist(3_000_000) == 8192 and 39 * mid.nlist <= mid.train_size
+    assert mid.factory == "IVF8192_HNSW32,Flat" and mid.nprobe == 128
+    # 100k images of 32x32 at 14:2: 144 corner classes of 100k, 24 edges of 1.9M, interior 36.1M
+    specs = class_specs([100_000] * 144 + [1_900_000] * 24 + [36_100_000], 147, g8)
+    assert {s.factory for s in specs[:144]} == {"IVF1024,SQ8"}  # 144 x 59 MB of Flat would exceed B/4
+    assert specs[144].tier == "ivf-sq8" and specs[144].code_bytes == 155
+    big = specs[-1]
+    assert big.tier == "ivf-pq" and big.factory == "PCA64,IVF32768_HNSW32,PQ32np" and big.code_bytes == 40
+    # at p = 7 the 36 corner classes (2.1 GB of float32) still fit in B/4 and stay exact
+    p7 = class_specs([100_000] * 36 + [2_600_000] * 12 + [67_600_000], 147, g8)
+    assert {s.factory for s in p7[:36]} == {"Flat"} and p7[36].factory == "IVF8192_HNSW32,SQ8"
+    assert class_specs([1000], 147, g8, "IVF1024,Flat")[0].factory == "Flat"  # too few to train 1024 lists
     with pytest.raises(InputError, match="unknown or unusable FAISS factory"):
-        class_spec(1000, 1000, 147, g8, "IVF12,Blah")
+        class_specs([1000], 147, g8, "IVF12,Blah")
     with pytest.raises(InputError, match="not a memory size"):
         parse_memory("lots")
 
@@ -188,6 +195,18 @@ def test_add_then_search_equals_building_all_at_once(stores, tmp_path):
     store_idx, row = added.locate(np.array([0, 23, 24, 39, -1]))
     assert store_idx.tolist() == [0, 0, 1, 1, -1] and row.tolist() == [0, 23, 0, 15, -1]
     assert [h["op"] for h in added.manifest["history"]] == ["build", "add"]
+
+
+def test_add_to_an_ivf_index_reuses_its_templates_and_finds_the_new_images(stores, tmp_path):
+    build_index(stores["a"], tmp_path / "ix", ["5"], factory="IVF16,Flat", progress=False)
+    added = add_to_index(tmp_path / "ix", stores["b"], progress=False)
+    entry = added.manifest["scales"][0]
+    assert any(c["nlist"] == 16 for c in entry["classes"]) and [s["first_image"] for s in entry["shards"]] == [0, 24]
+    s = Scale(5)
+    own = extract_patches(stores["b"].tensor(slice(3, 4)), s).numpy()  # image 3 of store b = global id 27
+    dist, image, pos = added.search(s, own, k=1)
+    assert np.allclose(dist[..., 0], 0, atol=1e-4)
+    assert (image[..., 0] == 27).all() and (pos[..., 0] == np.arange(s.grid(12) ** 2)).all()
 
 
 def test_an_incompatible_add_is_refused_and_changes_nothing(stores, tmp_path):

@@ -138,6 +138,31 @@ def test_sharded_index_merges_to_the_same_neighbours(corpus, flat_index):
         np.testing.assert_array_equal(got[2], want[2])
 
 
+def test_sharded_ivf_search_equals_one_merged_ivf(corpus):
+    """Shards share one trained template per class (same lists), so searching each shard and merging
+    the top-k equals searching one IVF holding every shard's lists (faiss merge_from)."""
+    import faiss
+
+    root, store, _, queries = corpus
+    index = build_index(store, root / "ivf-many", ["5"], factory="IVF32,Flat", memory_budget="600K", progress=False)
+    entry = index.manifest["scales"][0]
+    assert len(entry["shards"]) > 2
+    c = next(c for c in index.layouts("5") if c.kind == "interior")
+    assert entry["classes"][c.index]["nlist"] == 32
+    files = [index.path / entry["dir"] / sh["dir"] / f"class-{c.index:03d}.faiss" for sh in entry["shards"]]
+    merged = faiss.read_index(str(files[0]))
+    for sh, f in zip(entry["shards"][1:], files[1:]):
+        merged.merge_from(faiss.read_index(str(f)), sh["first_image"] * c.width)
+    q = extract_patches(torch.from_numpy(to_float(queries)).float(), Scale(5)).numpy()
+    for nprobe in (None, 4):
+        dist, image, pos = index.search("5", q, 6, nprobe=nprobe)
+        merged.nprobe = nprobe or entry["classes"][c.index]["nprobe"]
+        d, ids = merged.search(np.ascontiguousarray(q[:, c.positions].reshape(-1, q.shape[-1])), 6)
+        np.testing.assert_allclose(dist[:, c.positions].reshape(-1, 6), d, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(image[:, c.positions].reshape(-1, 6), ids // c.width)
+        np.testing.assert_array_equal(pos[:, c.positions].reshape(-1, 6), c.indexed[ids % c.width])
+
+
 def test_candidate_stride_2_returns_only_positions_on_the_stride_grid(corpus):
     root, store, images, queries = corpus
     index = build_index(store, root / "stride2", ["5"], candidate_stride=2, progress=False)
@@ -193,22 +218,39 @@ def real_ish_images(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         return u8[:n], u8[n:]
 
 
-def test_ivf_recall_against_flat_on_real_ish_images(tmp_path):
-    """IVF-Flat, auto nprobe: 10-recall@10 >= 0.9 for noisy (t = 100) queries; SQ8 >= 0.85."""
-    train, held = real_ish_images(400)
+def ivf_recalls(tmp_path, factories: list[str], n: int = 200) -> dict[str, float]:
+    """10-recall@10 against Flat, over every position of 2 held-out noisy (t = 100) queries."""
+    train, held = real_ish_images(n)
     store = write_store(tmp_path / "store", train)
     flat = build_index(store, tmp_path / "flat", ["7"], progress=False)
     s = Scale(7)
     ab = 0.895141  # alpha_bar at t = 100 (SPEC section 1): query q / s = x + sqrt(1 - ab) / sqrt(ab) * eps
-    x = torch.from_numpy(to_float(held)).float()
+    x = torch.from_numpy(to_float(held[:2])).float()
     noisy = x + float(np.sqrt((1 - ab) / ab)) * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     q = extract_patches(noisy, s).numpy()
     _, want, want_pos = flat.search(s, q, 10)
-    for factory, floor in (("IVF{nlist},Flat", 0.9), ("IVF{nlist},SQ8", 0.85)):
-        ivf = build_index(store, tmp_path / factory.split(",")[1], ["7"], factory=factory, progress=False)
+    out = {}
+    for i, factory in enumerate(factories):
+        ivf = build_index(store, tmp_path / f"ivf{i}", ["7"], factory=factory, progress=False)
         interior = next(c for c in ivf.manifest["scales"][0]["classes"] if c["kind"] == "interior")
-        assert interior["nlist"] >= 64 and interior["train_size"] >= 30 * interior["nlist"]
+        assert interior["nlist"] >= 64 and interior["train_size"] >= 39 * interior["nlist"]
         _, got, got_pos = ivf.search(s, q, 10)
         code_w, code_g = want * 10_000 + want_pos, got * 10_000 + got_pos
-        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(code_w.reshape(-1, 10), code_g.reshape(-1, 10))])
-        assert recall >= floor, (factory, recall)
+        out[factory] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(code_w.reshape(-1, 10), code_g.reshape(-1, 10))]))
+    return out
+
+
+def test_ivf_recall_against_flat_on_real_ish_images(tmp_path):
+    """IVF256 with the default nprobe (16): 10-recall@10 >= 0.95 (Flat codes), >= 0.88 (SQ8).
+
+    Measured: 0.998 and 0.95 on the demo corpus photo crops.
+    """
+    recall = ivf_recalls(tmp_path, ["IVF256,Flat", "IVF256,SQ8"])
+    assert recall["IVF256,Flat"] >= 0.95 and recall["IVF256,SQ8"] >= 0.88, recall
+
+
+@pytest.mark.slow
+def test_ivf_recall_with_auto_nlist(tmp_path):
+    """Auto nlist (2048 for 135k interior patches), default nprobe 32: measured 0.99 / 0.93."""
+    recall = ivf_recalls(tmp_path, ["IVF{nlist},Flat", "IVF{nlist},SQ8"])
+    assert recall["IVF{nlist},Flat"] >= 0.97 and recall["IVF{nlist},SQ8"] >= 0.9, recall

@@ -1,6 +1,7 @@
 """End-to-end ingest: formats, skips, errors, atomic publication, resume after a kill, the CLI."""
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -17,11 +18,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import nda_ann.ingest as ingest_mod
 from nda_ann.cli import main
 from nda_ann.errors import InputError, StoreError
 from nda_ann.ingest import ingest
 from nda_ann.store import Store
+
+ingest_mod = importlib.import_module("nda_ann.ingest")  # the package exports a function of the same name
 
 R = 8
 REPO = Path(__file__).resolve().parents[1]
@@ -259,7 +261,7 @@ def test_resume_after_sigkill(tmp_path, rng):
     src = make_folder(tmp_path / "src", rng, n=8)
     store = tmp_path / "store"
     code = (
-        "import os, signal, nda_ann.ingest as m\n"
+        "import importlib, os, signal\nm = importlib.import_module('nda_ann.ingest')\n"
         "def hook(n):\n"
         "    if n == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
         "m._before_checkpoint = hook\n"

@@ -91,13 +91,13 @@ def test_toy_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
 
     # one torch thread (tiny tensors; on a busy 2-core runner two threads are several times slower),
     # restored afterwards for the other tests
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(run_mod.torch, "set_num_threads", lambda n: None)
-    torch.set_num_threads(1)
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+    set_threads(1)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     try:
         _toy_pipeline(tmp_path, monkeypatch, run_mod)
     finally:
-        torch.set_num_threads(threads)
+        set_threads(threads)
 
 
 def _toy_pipeline(tmp_path, monkeypatch, run_mod):

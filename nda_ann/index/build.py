@@ -25,12 +25,13 @@ from .gpu import device_name, resolve_gpu
 from .layout_ids import ClassLayout
 from .manifest import (ID_SPACE, INDEX_FORMAT, INDEX_SCHEMA_VERSION, MANIFEST_FILE, TRAINED_DIR, check_files,
                        layouts_of, now, read_manifest, resolve_index_path, shard_dir, store_entry, versions)
-from .phases import RATES, human_bytes, log, phase
+from .phases import RATES, human_bytes, human_seconds, log, phase
 from .plan import approximations, batch_images, kind_factories, plan_scale, shard_ranges, specs_of
 from .search import PatchIndex
 from .shard import build_shard, read_done_shard
-from .train import train_templates
+from .train import kmeans_seconds, train_templates
 
+PLAN_FILE = "plan.json"
 KILL_AFTER_ENV = "NDA_ANN_TEST_KILL_AFTER_SHARDS"  # test hook: SIGKILL self after this many new shards
 
 
@@ -125,7 +126,7 @@ def build_index(store: Store | str | Path, index_path: str | Path, scales: Seque
     batch = batch_images(budget, store.resolution, store.channels, scale_list)
     plan = {"store_fingerprint": store.fingerprint, "count": len(store), "resolution": store.resolution,
             "channels": store.channels, "factory": factory, "memory_budget": budget, "seed": seed,
-            "scales": entries}
+            "candidate_stride": int(candidate_stride), "scales": entries}
     staging = final.with_name(f".{final.name}.building")
     with index_lock(final):
         _prepare_staging(staging, plan)
@@ -139,19 +140,24 @@ def build_index(store: Store | str | Path, index_path: str | Path, scales: Seque
             _log_plan(entry, len(store))
             entry["templates"] = train_templates(store, scale, layouts, specs_of(entry), root / TRAINED_DIR,
                                                  seed, batch, budget, use_gpu, progress)
-            entry["shards"] = _build_shards(store, entry, layouts, root, root / TRAINED_DIR, shard_ranges(len(store), entry["images_per_shard"]),
+            ranges = shard_ranges(len(store), entry["images_per_shard"])
+            entry["shards"] = _build_shards(store, entry, layouts, root, root / TRAINED_DIR, ranges,
                                             0, 0, batch, use_gpu, progress, counter)
-        manifest = _manifest(plan, entries, final, store, use_gpu, time.time() - t0)
+        manifest = _manifest(plan, entries, final, store, gpu, use_gpu, time.time() - t0)
         write_json_atomic(staging / MANIFEST_FILE, manifest)
-        (staging / "plan.json").unlink()
-        publish_dir(staging, final, overwrite=overwrite)
+        try:
+            publish_dir(staging, final, overwrite=overwrite)
+        except FileExistsError:
+            raise IndexError_(final, "already exists (published by another build while this one ran); "
+                                     "pass --overwrite to replace it") from None
+        (final / PLAN_FILE).unlink()  # the staging checkpoint; a crash before this only leaves it behind
     log.info("published %s in %.1f s", final, time.time() - t0)
     return PatchIndex.open(final)
 
 
 def _prepare_staging(staging: Path, plan: dict[str, Any]) -> None:
     """Resume in ``staging`` if it holds the same plan, else start it afresh."""
-    ppath = staging / "plan.json"
+    ppath = staging / PLAN_FILE
     if staging.exists():
         try:
             same = json.loads(ppath.read_text()) == json.loads(json.dumps(plan))
@@ -167,15 +173,20 @@ def _prepare_staging(staging: Path, plan: dict[str, Any]) -> None:
 
 
 def _log_plan(entry: dict[str, Any], count: int) -> None:
+    """Log what one scale will hold, how, and the a-priori time and size estimates."""
     kinds = kind_factories(entry)
-    log.info("scale %s: %d layout classes, %s vectors of dim %d, %s per image, %d shard(s) of <= %d images; %s",
+    train_s = sum(kmeans_seconds(spec, entry["dim"]) for spec in specs_of(entry) if spec.train_size)
+    add_s, _ = _estimate_add(entry, count)
+    log.info("scale %s: %d layout classes, %s vectors of dim %d, %s per image, %d shard(s) of <= %d images; %s; "
+             "est. %s training + %s adding, %s of index",
              entry["scale"], len(entry["classes"]), f"{count * sum(c['indexed'] for c in entry['classes']):,}",
              entry["dim"], human_bytes(entry["bytes_per_image"]), -(-count // entry["images_per_shard"]),
-             entry["images_per_shard"], "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items()))
+             entry["images_per_shard"], "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items()),
+             human_seconds(train_s), human_seconds(add_s), human_bytes(count * entry["bytes_per_image"]))
 
 
-def _manifest(plan: dict[str, Any], entries: list[dict[str, Any]], final: Path, store: Store, use_gpu: bool,
-              seconds: float) -> dict[str, Any]:
+def _manifest(plan: dict[str, Any], entries: list[dict[str, Any]], final: Path, store: Store, gpu_choice: str,
+              use_gpu: bool, seconds: float) -> dict[str, Any]:
     for entry in entries:
         entry["factories"] = kind_factories(entry)
         entry["approximations"] = approximations(entry)
@@ -185,7 +196,9 @@ def _manifest(plan: dict[str, Any], entries: list[dict[str, Any]], final: Path, 
         "versions": versions(), "device": device_name(use_gpu),
         "resolution": store.resolution, "channels": store.channels, "count": len(store),
         "stores": [store_entry(store.path, final, store.fingerprint, len(store), 0)],
-        "params": {"factory": plan["factory"], "memory_budget": plan["memory_budget"], "seed": plan["seed"]},
+        "params": {"factory": plan["factory"], "memory_budget": plan["memory_budget"], "seed": plan["seed"],
+                   "candidate_stride": plan["candidate_stride"], "gpu": gpu_choice,
+                   "scales": [e["scale"] for e in entries]},
         "build_seconds": round(seconds, 2),
         "id_space": ID_SPACE, "distance": "squared L2 between unscaled patch vectors (query q / s, rescale by s^2)",
         "scales": entries,
@@ -219,6 +232,9 @@ def add_to_index(index_path: str | Path, store: Store | str | Path, gpu: str = "
                          [Scale(e["patch"], e["factor"]) for e in manifest["scales"]])
     staging = final.with_name(f".{final.name}.add-{store.fingerprint[:12]}-{offset}")
     with index_lock(final):
+        if read_manifest(final) != manifest:  # read before the lock: another add finished in between
+            raise IndexError_(final, "another build or add changed this index while this add started; "
+                                     "nothing was changed, run the add again")
         staging.mkdir(exist_ok=True)
         counter = [0]
         new_shards = []
@@ -227,7 +243,8 @@ def add_to_index(index_path: str | Path, store: Store | str | Path, gpu: str = "
             root = staging / entry["dir"]
             root.mkdir(exist_ok=True)
             _warn_outgrown(entry, offset + len(store))
-            shards = _build_shards(store, entry, layouts, root, final / entry["dir"] / TRAINED_DIR, shard_ranges(len(store), entry["images_per_shard"]),
+            ranges = shard_ranges(len(store), entry["images_per_shard"])
+            shards = _build_shards(store, entry, layouts, root, final / entry["dir"] / TRAINED_DIR, ranges,
                                    offset, len(entry["shards"]), batch, use_gpu, progress, counter)
             new_shards.append(shards)
         for entry, shards in zip(manifest["scales"], new_shards):

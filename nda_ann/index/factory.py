@@ -1,28 +1,33 @@
 """Choice of the FAISS index of each layout class: ``auto`` rules or an explicit factory string.
 
-``auto`` (n = vectors of the class, N = vectors of the whole scale, d = dimension, B = memory budget):
+``auto``, per scale (n = vectors of a class, N = vectors of the scale, d = dimension, B = budget):
 
-1. exact ``Flat`` when n <= 100k, or n <= 2M and either the whole scale in float32 fits in B/2 or
-   the class alone fits in B/32;
-2. ``IVF{nlist},Flat`` when n <= 20M and the scale in float32 fits in B/2, else ``IVF{nlist},SQ8``;
-3. above 20M, a rotation to a PQ-friendly width then 4-bit fast-scan PQ:
-   ``OPQ32_128,IVF{nlist},PQ32x4fs`` for d >= 128 (147 = 3 x 7 x 7 splits badly into sub-vectors).
+1. exact ``Flat``: when the scale in float32 (4 d N) fits in B/2, every class of n <= 2M; else the
+   smallest classes, whole groups of equal size smallest first, while their float32 fits in B/4;
+2. other classes with n <= 20M: ``IVF{nlist},Flat`` when 4 d N fits in B/2, else ``IVF{nlist},SQ8``;
+3. above 20M, ``PCA64,IVF{nlist},PQ32np``: PCA to 64 dims (147 = 3 x 7 x 7 splits badly into
+   sub-vectors), 8-bit PQ with 2 dims per sub-quantizer, 32 bytes + the 8-byte IVF label.
 
-nlist is the power of two nearest 4 * sqrt(n) (at most n / 39); k-means trains on 64 points per
-centroid (bounded to [39, 256] and by B/8).
+Measured on 406k real 7x7 patches with noisy (t = 100) queries, 100-recall@100 against Flat
+(tools/bench_build.py --recall):
+IVF-Flat 0.996 (nprobe 32 of 2048), SQ8 0.94, PCA64+PQ32 0.81, PCA96+PQ48 0.86, while 4-bit
+fast-scan PQ (OPQ32_128 or PCA64, PQ32x4fs or PQ64x4fs) stayed at 0.10-0.27: its quantised
+look-up tables cannot separate the near-equal distances of noisy queries, so auto never picks it.
+
+nlist is the power of two nearest 4 * sqrt(n) (at most n / 39), with an HNSW32 coarse quantizer
+from 4096 lists on; k-means trains on 64 points per centroid (bounded to [39, 256] and by B/8).
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import faiss
 
 from ..errors import InputError
 
-FLAT_SMALL = 100_000
 FLAT_MAX = 2_000_000
 IVF_MAX = 20_000_000
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns below 39
@@ -37,7 +42,7 @@ class ClassSpec:
     """What one layout class is built with."""
 
     factory: str       # the FAISS factory string, nlist filled in
-    tier: str          # flat | ivf-flat | ivf-sq8 | ivf-pq-fastscan | explicit
+    tier: str          # flat | ivf-flat | ivf-sq8 | ivf-pq | ivf-pq-fastscan | explicit
     nlist: int         # 0 when not an IVF index
     nprobe: int        # default lists probed at search time (0 when not IVF)
     code_bytes: int    # bytes stored per vector (codes plus IVF label)
@@ -77,8 +82,8 @@ def auto_nlist(n: int) -> int:
 def default_nprobe(nlist: int) -> int:
     """Lists probed by default: nlist / 64, within [16, 256].
 
-    Measured (BENCHMARKS.md): IVF2048,Flat over 406k real 7x7 patches, noisy t = 100 queries,
-    100-recall@100 = 0.93 / 0.98 / 0.996 at nprobe 8 / 16 / 32.
+    Measured (BENCHMARKS.md, tools/bench_build.py --recall): IVF2048,Flat over 406k real 7x7
+    patches, noisy t = 100 queries, 100-recall@100 = 0.93 / 0.98 / 0.996 at nprobe 8 / 16 / 32.
     """
     return int(min(nlist, max(16, min(256, nlist // 64))))
 
@@ -91,10 +96,13 @@ def train_size_for(n: int, nlist: int, d: int, budget: int) -> int:
 
 
 def pq_factory(d: int) -> str:
-    """PCA to 64 dims, then 8-bit PQ with 2 dims per sub-quantizer (32 bytes + 8-byte label)."""
+    """PCA to 64 dims, then 8-bit PQ with 2 dims per sub-quantizer (32 bytes + 8-byte label).
+
+    ``np``: no polysemous training (it only serves Hamming filtering, and costs minutes).
+    """
     if d <= 64:
         return "IVF{nlist},SQ8"
-    return "PCA64,IVF{nlist},PQ32"
+    return "PCA64,IVF{nlist},PQ32np"
 
 
 def with_quantizer(factory: str, nlist: int) -> str:
@@ -102,13 +110,27 @@ def with_quantizer(factory: str, nlist: int) -> str:
     return factory.replace("{nlist}", f"{nlist}_HNSW32" if nlist >= HNSW_FROM else str(nlist))
 
 
-def auto_factory(n: int, n_scale: int, d: int, budget: int) -> str:
-    """The ``auto`` factory template (with a ``{nlist}`` field when IVF) for one class."""
-    raw_scale_fits = 4 * d * n_scale <= budget // 2
-    if n <= FLAT_SMALL or (n <= FLAT_MAX and (raw_scale_fits or 4 * d * n <= budget // 32)):
+def flat_classes(sizes: Sequence[int], d: int, budget: int) -> list[bool]:
+    """Which classes of a scale ``auto`` keeps exact (rule 1 of the module docstring)."""
+    if 4 * d * sum(sizes) <= budget // 2:
+        return [n <= FLAT_MAX for n in sizes]
+    out, used = [False] * len(sizes), 0
+    for n in sorted(set(sizes)):
+        group = [i for i, m in enumerate(sizes) if m == n]
+        used += 4 * d * n * len(group)
+        if n > FLAT_MAX or used > budget // 4:
+            break
+        for i in group:
+            out[i] = True
+    return out
+
+
+def auto_factory(n: int, d: int, flat: bool, raw_fits: bool) -> str:
+    """The ``auto`` factory template (with a ``{nlist}`` field when IVF) of one class."""
+    if flat:
         return "Flat"
     if n <= IVF_MAX:
-        return "IVF{nlist},Flat" if raw_scale_fits else "IVF{nlist},SQ8"
+        return "IVF{nlist},Flat" if raw_fits else "IVF{nlist},SQ8"
     return pq_factory(d)
 
 
@@ -149,13 +171,23 @@ def tier_of(factory: str) -> str:
         return "ivf-sq8"
     if last.endswith("fs"):
         return "ivf-pq-fastscan"
+    if last.startswith("PQ"):
+        return "ivf-pq"
     return "explicit"
 
 
-def class_spec(n: int, n_scale: int, d: int, budget: int, factory: str = "auto") -> ClassSpec:
-    """The spec of a class of ``n`` vectors (``n_scale`` at the whole scale) of dimension ``d``."""
+def class_specs(sizes: Sequence[int], d: int, budget: int, factory: str = "auto") -> list[ClassSpec]:
+    """The specs of the classes of one scale, of ``sizes[i]`` vectors of dimension ``d`` each."""
+    flat = flat_classes(sizes, d, budget)
+    raw_fits = 4 * d * sum(sizes) <= budget // 2
+    return [class_spec(n, d, budget, factory, f, raw_fits) for n, f in zip(sizes, flat)]
+
+
+def class_spec(n: int, d: int, budget: int, factory: str = "auto", flat: bool = False,
+               raw_fits: bool = False) -> ClassSpec:
+    """The spec of one class of ``n`` vectors; ``flat`` and ``raw_fits`` are the scale-level choices."""
     explicit = factory != "auto"
-    template = auto_factory(n, n_scale, d, budget) if not explicit else factory
+    template = auto_factory(n, d, flat, raw_fits) if not explicit else factory
     if "IDMap" in template:
         raise InputError(None, f"factory {template!r}: IDMap is not needed (ids are layout-coded) and not supported")
     nlist = auto_nlist(n) if "{nlist}" in template else 0
@@ -166,7 +198,7 @@ def class_spec(n: int, n_scale: int, d: int, budget: int, factory: str = "auto")
         nlist = int(ivf.nlist)
         if n < MIN_POINTS_PER_CENTROID * nlist:
             # Too few vectors to train this many lists: an exact index is both cheaper and better.
-            return class_spec(n, n_scale, d, budget, "Flat")
+            return class_spec(n, d, budget, "Flat")
     train = 0
     if not index.is_trained:
         train = train_size_for(n, nlist, d, budget) if nlist else min(n, 256 * 256)

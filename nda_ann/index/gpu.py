@@ -34,7 +34,14 @@ def gpu_clustering(index: faiss.Index) -> None:
 
 
 def to_gpu(index: faiss.Index) -> tuple[faiss.Index, bool]:
-    """(a GPU copy of ``index``, True), or (the index itself, False) where FAISS has no GPU version."""
+    """(a GPU copy of ``index``, True), or (the index itself, False) where FAISS has no GPU version.
+
+    Only IVF indexes with a flat coarse quantizer move: a GPU copy would come back with its HNSW
+    quantizer replaced by a flat one.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or not isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat):
+        return index, False
     try:
         return faiss.index_cpu_to_all_gpus(index), True
     except (RuntimeError, AttributeError) as err:  # e.g. fast-scan PQ has no GPU implementation

@@ -11,13 +11,14 @@ _depth = 0
 
 # Rough single-process throughputs on a 2-core CPU, from tools/bench_build.py; only for the estimates.
 RATES = {
-    "extract": 6e6,             # patch vectors extracted per second (147 dims)
-    "flat": 8e6,                # vectors added per second, Flat
-    "ivf-flat": 1.5e6,          # IVF assignment cost dominates
-    "ivf-sq8": 1.2e6,
-    "ivf-pq-fastscan": 0.6e6,   # rotation + assignment + encoding
-    "explicit": 0.5e6,
-    "kmeans_flops": 2e10,       # float ops per second of k-means training
+    "extract": 1e6,             # patch vectors extracted per second (147 dims)
+    "flat": 2e7,                # vectors added per second, Flat
+    "ivf-flat": 0.1e6,          # coarse assignment dominates
+    "ivf-sq8": 0.1e6,
+    "ivf-pq": 0.1e6,            # PCA + assignment + PQ encoding
+    "ivf-pq-fastscan": 0.1e6,
+    "explicit": 0.1e6,
+    "kmeans_flops": 4e10,       # float ops per second of k-means training
 }
 
 

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from ..scales import Scale
-from .factory import ClassSpec, class_spec
+from .factory import ClassSpec, class_specs
 from .layout_ids import STRIDE_RULE, ClassLayout, class_layouts
 from .manifest import scale_dir
 
@@ -33,8 +33,7 @@ def plan_scale(scale: Scale, count: int, resolution: int, channels: int, stride:
     scale.check_fits(resolution)
     layouts = class_layouts(resolution, scale, stride)
     d = scale.dim(channels)
-    n_scale = count * sum(c.width for c in layouts)
-    specs = [class_spec(max(1, count * c.width), max(1, n_scale), d, budget, factory) for c in layouts]
+    specs = class_specs([max(1, count * c.width) for c in layouts], d, budget, factory)
     per_image = sum(c.width * s.code_bytes for c, s in zip(layouts, specs))
     nshards = max(1, math.ceil(count * per_image / (budget / INDEX_SHARE)))
     per_shard = max(1, math.ceil(count / nshards))
@@ -62,6 +61,9 @@ def approximations(entry: dict[str, Any]) -> list[str]:
     out = []
     if entry["candidate_stride"] > 1:
         out.append(f"candidate stride {entry['candidate_stride']}: {entry['stride_rule']}")
+    empty = [c["index"] for c in entry["classes"] if c["indexed"] == 0]
+    if empty:
+        out.append(f"layout classes {empty} keep no position on the stride grid: their queries retrieve nothing")
     by_tier: dict[str, list[int]] = {}
     for c in entry["classes"]:
         by_tier.setdefault(c["factory"], []).append(c["index"])

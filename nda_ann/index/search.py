@@ -8,41 +8,53 @@ import faiss
 import numpy as np
 import torch
 
+from ..atomic import FolderIdentity, wait_for_folder
 from ..errors import IndexError_, InputError
 from ..scales import Scale, ScaleLike
 from .layout_ids import ClassLayout
 from .manifest import check_files, class_file, layouts_of, read_manifest, resolve_index_path
 
+SKIP_TABLE = faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
 MMAP_FLAT = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
-MMAP_IVF = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+MMAP_IVF = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY | SKIP_TABLE
 
 
 def read_index(path: Path, factory: str, mmap: bool) -> faiss.Index:
     """Read one sub-index; memory-mapped where FAISS supports it (Flat codes, IVF array lists).
 
-    Fast-scan PQ lists cannot be mapped and are read into RAM (they are the smallest codes).
+    Fast-scan PQ lists cannot be mapped and are read into RAM. IVF-PQ's precomputed table
+    (nlist x M x 256 floats, 128 MiB at 4096 lists) is skipped: tables are computed per query.
     """
+    index = None
     if mmap and not factory.split(",")[-1].endswith("fs"):
-        flags = MMAP_IVF if "IVF" in factory else MMAP_FLAT
         try:
-            return faiss.read_index(str(path), flags)
+            index = faiss.read_index(str(path), MMAP_IVF if "IVF" in factory else MMAP_FLAT)
         except RuntimeError:
-            pass
-    try:
-        return faiss.read_index(str(path))
-    except RuntimeError as err:
-        raise IndexError_(path, f"unreadable index file ({str(err).strip().splitlines()[-1][:160]}); rebuild the index") from err
+            index = None
+    if index is None:
+        try:
+            index = faiss.read_index(str(path), SKIP_TABLE)
+        except RuntimeError as err:
+            raise IndexError_(path, f"unreadable index file ({str(err).strip().splitlines()[-1][:160]}); rebuild the index") from err
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+        faiss.downcast_index(ivf).use_precomputed_table = -1
+    return index
 
 
 class PatchIndex:
     """A built index: per scale, one FAISS sub-index per layout class and shard (loaded lazily).
 
     Not safe for concurrent searches from several threads (nprobe is set on the shared sub-indexes).
+    Versions: ``add`` never changes a file the opened manifest names, so an open index keeps
+    searching the version it opened; after a replacement (``build --overwrite``) a sub-index not yet
+    loaded would come from the new folder, so loading one then raises IndexError_ instead.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool = True):
+    def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool = True, identity: FolderIdentity | None = None):
         self.path = Path(path)
         self.manifest = manifest
+        self._identity = identity or FolderIdentity(self.path)  # the folder the manifest was read from
         self.mmap = mmap
         self.scales = [Scale(e["patch"], e["factor"]) for e in manifest["scales"]]
         self.resolution = int(manifest["resolution"])
@@ -56,9 +68,22 @@ class PatchIndex:
     def open(cls, path: str | Path, mmap: bool = True) -> "PatchIndex":
         """Open and check an index folder (a bare name means indexes/<name>)."""
         path = resolve_index_path(path)
-        manifest = read_manifest(path)
-        check_files(path, manifest)
-        return cls(path, manifest, mmap)
+        for _ in range(3):  # replaced while being opened: open the new version
+            wait_for_folder(path)
+            try:
+                identity: FolderIdentity | None = FolderIdentity(path)
+            except OSError:
+                identity = None  # absent: read_manifest says so clearly
+            try:
+                manifest = read_manifest(path)
+                check_files(path, manifest)
+            except (IndexError_, OSError):
+                if identity is not None and identity.replaced():
+                    continue
+                raise
+            if identity is not None and not identity.replaced():
+                return cls(path, manifest, mmap, identity)
+        raise IndexError_(path, "the index kept being replaced while it was opened; try again")
 
     def __repr__(self) -> str:
         return f"PatchIndex({str(self.path)!r}, images={self.count}, scales={[str(s) for s in self.scales]})"
@@ -95,7 +120,16 @@ class PatchIndex:
         if key not in self._loaded:
             entry = self._entries[scale]
             path = self.path / entry["dir"] / shard["dir"] / class_file(c.index)
-            self._loaded[key] = read_index(path, entry["classes"][c.index]["factory"], self.mmap)
+            replaced = IndexError_(self.path, "the index was replaced (rebuilt with --overwrite) since it was opened; open it again")
+            if self._identity.replaced():
+                raise replaced
+            try:
+                index = read_index(path, entry["classes"][c.index]["factory"], self.mmap)
+            except IndexError_ as err:
+                raise (replaced if self._identity.replaced() else err) from err
+            if self._identity.replaced():  # the file may have come from the new version
+                raise replaced
+            self._loaded[key] = index
         return self._loaded[key]
 
     def search(self, scale: ScaleLike, vectors: np.ndarray | torch.Tensor, k: int,

@@ -58,7 +58,7 @@ def build_shard(store: Store, rows: tuple[int, int], first_image: int, scale: Sc
             index = faiss.read_index(str(template_dir / class_file(c.index)))
         if index.ntotal:
             raise IndexError_(template_dir / class_file(c.index), "template is not empty; rebuild the index")
-        indexes.append(to_gpu(index) if use_gpu and faiss.try_extract_index_ivf(index) is not None else (index, False))
+        indexes.append(to_gpu(index) if use_gpu else (index, False))
     bar = tqdm(total=hi - lo, desc=f"add {scale} [{first_image}, {first_image + hi - lo})", unit="img",
                disable=not progress, leave=False)
     for _, batch in store.batches(batch_size, lo, hi):

@@ -63,8 +63,8 @@ def sample_vectors(store: Store, scale: Scale, classes: Sequence[ClassLayout], s
 
 
 def kmeans_seconds(spec: ClassSpec, d: int) -> float:
-    """A rough a-priori training time: 25 k-means iterations over the sample."""
-    return 2.0 * spec.train_size * max(spec.nlist, 1) * d * 25 / RATES["kmeans_flops"]
+    """A rough a-priori training time: 10 k-means iterations (FAISS's IVF default) over the sample."""
+    return 2.0 * spec.train_size * max(spec.nlist, 1) * d * 10 / RATES["kmeans_flops"]
 
 
 def train_templates(store: Store, scale: Scale, classes: Sequence[ClassLayout], specs: Sequence[ClassSpec],
