@@ -35,6 +35,10 @@ log = logging.getLogger("nda_ann.attribution")
 
 Mode = Literal["rescore", "fast"]
 
+# M: measured on the 3,000-crop demo corpus at t = 100 (BENCHMARKS.md), M = 500 reaches top-10
+# overlap 0.98 and subset-sum Spearman 0.998; M = 200 only 0.93 and 0.975.
+DEFAULT_CANDIDATES = 500
+
 
 @dataclass
 class AttributionSettings:
@@ -42,7 +46,7 @@ class AttributionSettings:
 
     timesteps: list[int]
     k: int = 1024
-    candidates: int = 200
+    candidates: int = DEFAULT_CANDIDATES
     nprobe: int | None = None
     topk: int | None = None
     alpha: float | None = None
@@ -209,7 +213,7 @@ class Attributor:
         timesteps: int | Sequence[int] = 100,
         *,
         k: int = 1024,
-        candidates: int = 200,
+        candidates: int = DEFAULT_CANDIDATES,
         nprobe: int | None = None,
         topk: int | None = None,
         alpha: float | None = None,

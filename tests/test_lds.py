@@ -147,8 +147,8 @@ def test_benchmarks_section_replaces_only_its_markers(tmp_path):
                                "all": {"lds": 0.1, "ci_queries": [0.0, 0.2], "ci_subsets": [0.0, 0.2]}}},
     }
     path = tmp_path / "BENCHMARKS.md"
-    path.write_text(f"# Benchmarks\n\nother section\n\n{BEGIN}\nold\n{END}\n\ntrailing section\n")
+    path.write_text(f"# Benchmarks\n\nother section\n\n{BEGIN}\nSTALE-LDS-TEXT\n{END}\n\ntrailing section\n")
     write_benchmarks_section(path, report, command="python -m tools.lds.run --config toy")
     text = path.read_text()
-    assert "other section" in text and "trailing section" in text and "old" not in text
+    assert "other section" in text and "trailing section" in text and "STALE-LDS-TEXT" not in text
     assert text.count(BEGIN) == 1 and "| Random | 10.0 [0.0, 20.0]" in text

@@ -169,11 +169,12 @@ def speed(args) -> None:
     if args.no_write:
         return
     from bench_md import machine, update_section
+    from nda_ann.attribution import DEFAULT_CANDIDATES
 
     b1, bmax = f"index_s_per_query_b{args.batch[0]}", f"index_s_per_query_b{args.batch[-1]}"
     lines = ["## Index path vs exact: time against N (tools/bench_attribute.py speed)", "",
              f"`python tools/bench_attribute.py speed --sizes {' '.join(map(str, args.sizes))}` on {machine()}.",
-             f"p = 7, t = 100, topk 100, default K = 1024 and M = 200, index factory `{args.factory}`; one run, so the ratios are the figures to read.", "",
+             f"p = 7, t = 100, topk 100, default K = 1024 and M = {DEFAULT_CANDIDATES}, index factory `{args.factory}`; one run, so the ratios are the figures to read.", "",
              f"| N | index s/query (batch {args.batch[0]}) | queries/s (batch {args.batch[0]}) | index s/query (batch {args.batch[-1]}) | queries/s (batch {args.batch[-1]}) | exact s/query | exact / index |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

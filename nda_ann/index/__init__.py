@@ -2,7 +2,9 @@
 
 Modules: layout_ids (classes, stride rule, id space), factory (index choice), plan (per-scale plan),
 train (templates), shard (streamed adds), build (build / add, staged and resumable), manifest (folder
-layout, checks), search (PatchIndex), info (summary), gpu, phases (estimates and timing logs).
+layout, checks), search (PatchIndex), info (summary), recipe (build settings files), gpu, phases
+(estimates and timing logs). Tests: tests/test_index_build.py, tests/test_index_search.py; benchmark:
+tools/bench_build.py.
 """
 from .build import add_to_index, build_index
 from .factory import ClassSpec, parse_memory

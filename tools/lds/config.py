@@ -3,8 +3,8 @@
 Named configurations:
 
 - ``cpu-small`` (default): 256 real 16x16 photo crops, 20 random 50% subsets, a 0.26M-parameter
-  U-Net trained 1,500 steps per model; 24 generated + 24 held-out queries. About 40-60 minutes on
-  two shared CPU cores under ``nice``.
+  U-Net trained 1,500 steps per model; 24 generated + 24 held-out queries. About 35 minutes on
+  two idle CPU cores, 60-70 minutes when other jobs share them (measured: 61 min, load 5-9).
 - ``gpu-cifar``: a CIFAR-sized setting, 5,000 32x32 images, 64 subsets, a ~6M-parameter U-Net;
   sized for one GPU (hours), not run on a CPU.
 - ``toy``: 8x8 images, 3 subsets, a few training steps; for the tests (seconds).

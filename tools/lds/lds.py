@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["predictions", "spearman_columns", "lds_per_query", "LdsResult", "lds_with_intervals"]
+__all__ = ["predictions", "spearman_columns", "lds_per_query", "LdsResult", "lds_with_intervals", "paired_difference"]
 
 
 def predictions(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -76,3 +76,13 @@ def lds_with_intervals(losses: np.ndarray, masks: np.ndarray, scores: np.ndarray
         (float(np.percentile(boot_q, lo)), float(np.percentile(boot_q, hi))),
         (float(np.percentile(boot_s, lo)), float(np.percentile(boot_s, hi))),
     )
+
+
+def paired_difference(per_query_a: np.ndarray, per_query_b: np.ndarray, *, bootstrap: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of LDS_q(a) - LDS_q(b) over the same queries, with a percentile interval from
+    resampling queries (paired: both methods see the same resampled queries)."""
+    d = np.asarray(per_query_a, dtype=np.float64) - np.asarray(per_query_b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(len(d), size=(bootstrap, len(d)))].mean(1)
+    lo, hi = np.percentile(boot, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(d.mean()), float(lo), float(hi)

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,8 +24,6 @@ from .config import LdsConfig
 from .losses import fixed_noise, loss_timesteps
 
 __all__ = ["MethodSpec", "method_specs", "method_key", "nda_exact", "nda_exact_sweep", "nda_index", "pixel_scores", "random_scores", "trak_scores"]
-
-log = logging.getLogger("tools.lds.methods")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "sweep_table", "plot_sweep", "write_outputs", "write_benchmarks_section", "BEGIN", "END"]
+__all__ = ["markdown_table", "difference_table", "sweep_table", "plot_sweep", "write_outputs", "write_benchmarks_section", "BEGIN", "END"]
 
 BEGIN, END = "<!-- lds -->", "<!-- /lds -->"
 
@@ -33,6 +33,35 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {row['label']} | {_pct(row.get('all'))} | {_pct(row.get('all'), 'ci_subsets')} | {_pct(row.get('generated'))} | "
             f"{_pct(row.get('heldout'))} | {'-' if secs is None else f'{secs:.1f}'} |")
+    return "\n".join(lines)
+
+
+def reference_key(report: dict[str, Any]) -> str:
+    """The pre-registered exact NDA row (default scale and timestep)."""
+    from .methods import method_key
+
+    cfg = report["config"]
+    return method_key("nda", cfg["nda_default_t"], cfg["nda_default_scale"])
+
+
+def difference_table(report: dict[str, Any]) -> str:
+    """Paired per-query LDS difference (points) of the default exact NDA row against every other table row."""
+    import numpy as np
+
+    from .lds import paired_difference
+
+    ref = reference_key(report)
+    methods = report["methods"]
+    if ref not in methods:
+        return ""
+    cfg = report["config"]
+    base = np.asarray(methods[ref]["all"]["per_query"])
+    lines = [f"| {methods[ref]['label']} minus | LDS difference, all queries [95% paired interval] |", "|---|---|"]
+    for key, row in methods.items():
+        if key == ref or not row.get("table", True) or "all" not in row:
+            continue
+        m, lo, hi = paired_difference(base, np.asarray(row["all"]["per_query"]), bootstrap=cfg["bootstrap"], seed=cfg["bootstrap_seed"])
+        lines.append(f"| {row['label']} | {100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
     return "\n".join(lines)
 
 
@@ -68,34 +97,44 @@ def plot_sweep(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ts, ps, cells = _sweep(report)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     for p in ps:
         xs = [t for t in ts if (t, p) in cells]
         ys = [100 * cells[(t, p)]["all"]["lds"] for t in xs]
         lo = [100 * cells[(t, p)]["all"]["ci_queries"][0] for t in xs]
         hi = [100 * cells[(t, p)]["all"]["ci_queries"][1] for t in xs]
-        axes[0].plot(xs, ys, marker="o", label=f"NDA p={p}")
-        axes[0].fill_between(xs, lo, hi, alpha=0.12)
+        line, = axes[0].plot(xs, ys, marker="o", label=f"NDA p={p}")
+        axes[0].fill_between(xs, lo, hi, alpha=0.08, color=line.get_color())
     for t in ts:
         xs = [p for p in ps if (t, p) in cells]
         ys = [100 * cells[(t, p)]["all"]["lds"] for p in xs]
         axes[1].plot(xs, ys, marker="s", label=f"NDA t={t}")
     styles = {"random": ("grey", ":"), "pixel_l2": ("black", "--"), "pixel_cos": ("tab:brown", "--"), "trak": ("tab:red", "-."), "dtrak": ("tab:purple", "-.")}
+    handles = []
     for key, (colour, ls) in styles.items():
         row = report["methods"].get(key)
         if row and "all" in row:
             for ax in axes:
-                ax.axhline(100 * row["all"]["lds"], color=colour, ls=ls, lw=1, label=row["label"])
+                h = ax.axhline(100 * row["all"]["lds"], color=colour, ls=ls, lw=1, label=row["label"])
+            handles.append(h)
     axes[0].set_xscale("log")
-    axes[0].set_xlabel("timestep t")
+    axes[0].set_xticks(ts)
+    axes[0].set_xticklabels([str(t) for t in ts])
+    axes[0].minorticks_off()
+    axes[0].set_xlabel("timestep t (shaded: 95% interval over queries)")
+    axes[1].set_xticks(ps)
     axes[1].set_xlabel("patch size p")
     for ax in axes:
         ax.set_ylabel("LDS (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    axes[1].legend(fontsize=7, loc="best")
+    n_nda = len(ps)
+    axes[0].legend(axes[0].get_legend_handles_labels()[0][:n_nda], axes[0].get_legend_handles_labels()[1][:n_nda], fontsize=7, loc="lower left", ncol=2)
+    h1, l1 = axes[1].get_legend_handles_labels()
+    axes[1].legend(h1[: len(ts)], l1[: len(ts)], fontsize=7, loc="lower right", ncol=2)
+    if handles:
+        fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncol=len(handles), fontsize=7)
     cfg = report["config"]
-    fig.suptitle(f"LDS of exact NDA (single scale, topk={cfg['nda_topk']}) vs baselines: {cfg['name']}, "
+    fig.suptitle(f"LDS of exact NDA (single scale, topk={cfg['nda_topk']}) vs baselines (horizontal lines): {cfg['name']}, "
                  f"N={cfg['n_train']}, {cfg['n_subsets']} subsets, {report['queries']['count']} queries", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix}")
@@ -112,7 +151,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def write_outputs(report: dict[str, Any], folder: Path) -> None:
     folder = Path(folder)
-    text = "## Methods\n\n" + markdown_table(report) + "\n\n## Exact NDA sweep (LDS %, all queries)\n\n" + sweep_table(report) + "\n"
+    text = "## Methods\n\n" + markdown_table(report) + "\n\n## Paired differences\n\n" + difference_table(report) + "\n\n## Exact NDA sweep (LDS %, all queries)\n\n" + sweep_table(report) + "\n"
     _write_text_atomic(folder / "table.md", text)
     plot_sweep(report, folder / "lds_sweep.png")
 
@@ -124,9 +163,13 @@ def write_benchmarks_section(path: Path, report: dict[str, Any], *, command: str
     timings = report.get("timings_s", {})
     body = [
         BEGIN,
-        "## Linear datamodeling score (LDS) on a CPU-sized benchmark",
+        "## Linear datamodeling score, LDS (tools/lds)",
         "",
-        f"Reproduce: `{command}` (then `python -m tools.lds.report {report['folder']} --benchmarks BENCHMARKS.md`).",
+        "Reproduce (resumable; every model, loss and score is cached under the results folder):",
+        "",
+        "```",
+        command.strip(),
+        "```",
         "",
         f"Configuration `{cfg['name']}` (fingerprint `{report['fingerprint']}`): {cfg['n_train']} real {cfg['size']}x{cfg['size']} photo crops, "
         f"{cfg['n_subsets']} random {int(cfg['subset_fraction'] * 100)}% subsets; {report['queries']['generated']} DDIM samples of the full model "
@@ -135,6 +178,10 @@ def write_benchmarks_section(path: Path, report: dict[str, Any], *, command: str
         f"{sum(timings.values()) / 60:.0f} min on {report['device']}.",
         "",
         markdown_table(report),
+        "",
+        "Paired differences (same queries resampled for both methods; an interval excluding 0 is a real difference at this size):",
+        "",
+        difference_table(report),
         "",
         "Exact NDA, single scale, LDS (%) over all queries by patch size p and timestep t:",
         "",
@@ -176,10 +223,18 @@ def main(argv: list[str] | None = None) -> None:
         args.figure.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.folder / "lds_sweep.png", args.figure)
     if args.benchmarks:
-        command = args.command or f"nice -n 19 python -m tools.lds.run --config {report['config']['name']}"
+        command = args.command or f"nice -n 19 .venv/bin/python -m tools.lds.run --config {report['config']['name']}"
+        again = ["python -m tools.lds.report", report["folder"]]
+        if args.figure:
+            again += ["--figure", args.figure.as_posix()]
+        if args.notes:
+            again += ["--notes", args.notes.as_posix()]
+        command += "\n" + " ".join(again + ["--benchmarks", args.benchmarks.as_posix()])
         notes = args.notes.read_text() if args.notes else ""
         write_benchmarks_section(args.benchmarks, report, command=command, figure=args.figure, notes=notes)
     print(markdown_table(report))
+    print()
+    print(difference_table(report))
     print()
     print(sweep_table(report))
 
