@@ -6,8 +6,6 @@ score (float64), rank (int32; 1 = highest score within its query and timestep).
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import fsync_dir
+from .atomic import atomic_file
 
 MEAN_TIMESTEP = -1
 SCHEMA = pa.schema(
@@ -83,20 +81,10 @@ def scores_table(
 
 
 def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
-    """Write ``table`` to ``path`` via a temporary sibling + fsync + os.replace; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    """Write ``table`` to ``path`` atomically (``atomic_file``); returns the path."""
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return path
+    return Path(path)
 
 
 def format_top_table(
