@@ -58,6 +58,7 @@ class AttributionSettings:
     outside_sample: int = 32
     precision: str = "float32"
     maps: int = 8
+    tail: bool = False
 
     def thumbnail_share_at(self, t: int, sched: NoiseSchedule) -> float:
         """Share of the M candidates taken from the thumbnail search at t (default: by noise level)."""
@@ -225,6 +226,7 @@ class Attributor:
         outside_sample: int = 32,
         precision: str = "float32",
         maps: int = 8,
+        tail: bool = False,
         names: Sequence[str] | None = None,
         progress: bool = False,
     ) -> Attribution:
@@ -247,7 +249,7 @@ class Attributor:
         if topk is not None and (int(topk) != topk or topk < 1):
             raise ValueError(f"topk must be a positive integer, got {topk}")
         weights = scale_weights(self.scales, alpha)
-        settings = AttributionSettings(ts, k, candidates, nprobe, topk, alpha, seed, noise_draws, schedule, mode, thumbnail_share, outside_sample, precision, maps)
+        settings = AttributionSettings(ts, k, candidates, nprobe, topk, alpha, seed, noise_draws, schedule, mode, thumbnail_share, outside_sample, precision, maps, tail)
         dtype = resolve_dtype(precision)
         n, nq = self.corpus.count, queries.shape[0]
         result = Attribution(n, ts, qnames, self.sources, {**asdict(settings), "index_id": self.index_id}, describe_device(self.device), scale_names=[str(s) for s in self.scales])
@@ -268,7 +270,9 @@ class Attributor:
                     mass = self._candidate_mass(q, hits, s, sigma2, weights, noise_draws)
                     cand = self._select_candidates(mass, noisy, q, s, min(candidates, n), settings.thumbnail_share_at(t, sched))
                     sample = self._outside_sample(order, cand, outside_sample)
-                    ids, vals, maps_q, outside = self._rescore(q, cand, sample, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
+                    ids, vals, maps_q, outside, log_zs = self._rescore(q, cand, sample, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
+                    if tail:
+                        ids, vals = self._add_tail(q, ids, vals, cand, hits, log_zs, s, sigma2, weights, noise_draws)
                     result.kept_maps[(ti, q)] = maps_q
                     result.outside_mass[ti, q] = outside
                 result.sparse[(ti, q)] = (ids, vals)
@@ -353,6 +357,7 @@ class Attributor:
         scores = torch.zeros(m, dtype=torch.float64)
         per_pos: dict[Scale, list[torch.Tensor]] = {}
         outside = np.zeros(len(self.scales))
+        log_zs: dict = {}
         for si, (sc, w) in enumerate(zip(self.scales, weights)):
             step = chunk_size(1, self.groups[sc], dtype, self.budget)
             for d in range(draws):
@@ -365,6 +370,7 @@ class Attributor:
                     aggs.append(agg[0])
                 log_z_in = torch.logsumexp(torch.stack(fulls), 0)[0]  # (L,)
                 log_z = log_z_in
+                log_zs[(d, sc)] = log_z
                 if len(sample):
                     out_full = []
                     for lo in range(0, len(sample), step):
@@ -372,6 +378,7 @@ class Attributor:
                         out_full.append(torch.logsumexp(log_masses(qp, extract_patches(imgs, sc), self.groups[sc], inv, None)[0], -1))
                     log_z_out = torch.logsumexp(torch.stack(out_full), 0)[0] + math.log(outside_pool / len(sample))
                     log_z = torch.logaddexp(log_z_in, log_z_out)
+                    log_zs[(d, sc)] = log_z
                     outside[si] += float(torch.exp(log_z_out - log_z).mean()) / draws
                 a = torch.exp(torch.cat(aggs, -1) - log_z[:, None]).double().cpu()  # (L, M)
                 scores += w / draws * a.sum(0)
@@ -385,4 +392,19 @@ class Attributor:
                 total += positions_to_pixels(sum(p[:, j] for p in parts).view(g, g), sc, self.size)
             maps[int(cand[j])] = total.numpy()
         keep = scores.numpy() > 0
-        return cand[keep], scores.numpy()[keep], maps, outside
+        return cand[keep], scores.numpy()[keep], maps, outside, log_zs
+
+    def _add_tail(self, q, ids, vals, cand, hits, log_zs, s, sigma2, weights, draws):
+        """Give non-candidates their retrieved patches' exact weights under the re-scoring normaliser.
+
+        A lower bound of their exact score (only retrieved patches count; topk is not applied to
+        them), instead of 0. Experimental (``tail=True``); SPEC section 4's estimator scores them 0.
+        """
+        extra = np.zeros(self.corpus.count)
+        for (d, sc), (dist, image, _) in hits.items():
+            img = image[q]
+            logits = -dist[q].astype(np.float64) * (s * s) / (2 * sigma2) - log_zs[(d, sc)].double().cpu().numpy()[:, None]
+            ok = (img >= 0) & ~np.isin(img, cand)
+            extra += weights[self.scales.index(sc)] / draws * np.bincount(img[ok], weights=np.exp(logits[ok]), minlength=self.corpus.count)
+        tail_ids = np.nonzero(extra)[0]
+        return np.concatenate([ids, tail_ids]), np.concatenate([vals, extra[tail_ids]])

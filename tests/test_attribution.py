@@ -96,3 +96,16 @@ def test_attribution_api_inputs_heatmaps_and_parquet(crops, tmp_path):
     assert all(r["score"] > 0 for r in rows)
     first = [r for r in rows if r["query"] == "q.png" and r["timestep"] == 100 and r["rank"] == 1][0]
     assert first["image_id"] == best
+
+
+def test_tail_option_scores_retrieved_non_candidates_and_leaves_candidates_alone(crops):
+    corpus, queries = crops
+    att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
+    kw = dict(k=64, candidates=5, outside_sample=8, topk=None)
+    base = att.attribute(queries, 300, **kw).scores[0]
+    tail = att.attribute(queries, 300, tail=True, **kw).scores[0]
+    for q in range(len(queries)):
+        cand = np.nonzero(base[q])[0]
+        np.testing.assert_array_equal(tail[q, cand], base[q, cand])
+        others = np.setdiff1d(np.arange(len(corpus)), cand)
+        assert (tail[q, others] > 0).any() and (tail[q, others] >= 0).all()
