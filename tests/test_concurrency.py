@@ -10,14 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import multiprocessing
-import multiprocessing.forkserver as forkserver_mod
 import os
 import shutil
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -89,32 +86,7 @@ def reader_loop(index_path: str, log_path: str, stop_path: str) -> None:
         raise
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny inputs on a shared 2-core machine: one thread each is many times faster than spinning pools."""
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    faiss.omp_set_num_threads(before[1])
-
-
-@pytest.fixture(scope="module")
-def forkserver():
-    """A fork server with nda-ann imported: a child costs a fork, not an interpreter start."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["nda_ann.ingest", "nda_ann.index", "nda_ann.api"])
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        forkserver_mod.ensure_running()
-    finally:
-        if saved is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
-    return ctx
+from forking import forkserver, one_thread  # noqa: E402,F401  (shared fixtures)
 
 
 @pytest.fixture(scope="module")

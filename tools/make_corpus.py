@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -35,7 +34,7 @@ try:
     import nda_ann  # noqa: F401
 except ModuleNotFoundError:  # run from a checkout without installing: use the repository's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nda_ann.atomic import write_json_atomic  # noqa: E402
+from nda_ann.atomic import atomic_file, write_json_atomic  # noqa: E402
 from nda_ann.demo_corpus import iter_photo_crops, load_photos  # noqa: E402
 
 ROW_GROUP = 5000
@@ -99,9 +98,8 @@ def make_shard(out: Path, seed: int, index: int, first_row: int, rows: int, size
     meta = {f"nda_ann.{k}".encode(): v.encode() for k, v in params.items()}
     meta[b"huggingface"] = json.dumps({"info": {"features": HF_FEATURES}}).encode()
     schema = SCHEMA.with_metadata(meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     stream = iter_photo_crops(size, (seed, index), "train", rotate=True, jitter=True)
-    try:
+    with atomic_file(path) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
             for lo in range(0, rows, ROW_GROUP):
                 cols: dict[str, list] = {name: [] for name in SCHEMA.names}
@@ -114,12 +112,6 @@ def make_shard(out: Path, seed: int, index: int, first_row: int, rows: int, size
                                         ("brightness", b), ("contrast", c), ("saturation", s), ("sha", digest)):
                         cols[name].append(value)
                 writer.write_table(pa.table(cols, schema=schema))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return index, rows, time.perf_counter() - start
 
 
