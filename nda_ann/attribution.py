@@ -195,6 +195,11 @@ class Attributor:
         thumbs = index.thumbnails() if hasattr(index, "thumbnails") else None
         return cls(index, stores, index.scales, index_id=index.manifest.get("index_id") or index.manifest.get("created"), device=device, thumbs=thumbs)
 
+    def _distances_exact(self, scale: Scale) -> bool:
+        """Whether the searcher's distances at ``scale`` are exact (searchers that do not say: no)."""
+        check = getattr(self.searcher, "distances_exact", None)
+        return bool(check(scale)) if check is not None else False
+
     @property
     def sources(self) -> list[str]:
         if self._sources is None:
@@ -246,6 +251,9 @@ class Attributor:
         for name, value in (("k", k), ("candidates", candidates), ("noise_draws", noise_draws)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
+        if tail and mode == "rescore" and not all(self._distances_exact(sc) for sc in self.scales):
+            raise ValueError("tail=True scores non-candidates from their retrieved distances, which this index only "
+                             "approximates (PCA or quantised codes); use an index with Flat or IVF-Flat codes")
         if topk is not None and (int(topk) != topk or topk < 1):
             raise ValueError(f"topk must be a positive integer, got {topk}")
         weights = scale_weights(self.scales, alpha)
@@ -270,7 +278,8 @@ class Attributor:
                     mass = self._candidate_mass(q, hits, s, sigma2, weights, noise_draws)
                     cand = self._select_candidates(mass, noisy, q, s, min(candidates, n), settings.thumbnail_share_at(t, sched))
                     sample = self._outside_sample(order, cand, outside_sample)
-                    ids, vals, maps_q, outside, log_zs = self._rescore(q, cand, sample, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
+                    retrieved_out = self._retrieved_outside(q, cand, hits, s, sigma2)
+                    ids, vals, maps_q, outside, log_zs = self._rescore(q, cand, sample, retrieved_out, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
                     if tail:
                         ids, vals = self._add_tail(q, ids, vals, cand, hits, log_zs, s, sigma2, weights, noise_draws)
                     result.kept_maps[(ti, q)] = maps_q
@@ -336,6 +345,25 @@ class Attributor:
         ids = np.nonzero(acc)[0]
         return ids, acc[ids]
 
+    def _retrieved_outside(self, q: int, cand: np.ndarray, hits: dict, s: float, sigma2: float) -> dict:
+        """Per (draw, scale): (L,) log of the softmax mass of the retrieved patches of non-candidates.
+
+        A known lower bound of the non-candidates' share of the normaliser at each query position
+        (-inf where nothing outside the candidates was retrieved); the uniform sample can miss a
+        near-copy outside the M, the retrieval does not. Only from indexes whose distances are
+        exact: PCA or quantised codes misjudge them (PCA underestimates), so there it is -inf.
+        """
+        out = {}
+        for key, (dist, image, _) in hits.items():
+            if not self._distances_exact(key[1]):
+                out[key] = torch.full((dist.shape[1],), -math.inf, dtype=torch.float64)
+                continue
+            img = image[q]
+            logits = torch.from_numpy(-dist[q].astype(np.float64) * (s * s) / (2 * sigma2))
+            outside = torch.from_numpy((img >= 0) & ~np.isin(img, cand))
+            out[key] = torch.logsumexp(logits.masked_fill(~outside, -math.inf), -1)
+        return out
+
     # stage 2 -----------------------------------------------------------------------------
     @staticmethod
     def _outside_sample(order: np.ndarray | None, cand: np.ndarray, size: int) -> np.ndarray:
@@ -345,11 +373,12 @@ class Attributor:
         head = order[: size + len(cand)]
         return head[~np.isin(head, cand)][:size]
 
-    def _rescore(self, q, cand, sample, noisy, s, sigma2, weights, draws, topk, dtype, n_maps):
+    def _rescore(self, q, cand, sample, retrieved_out, noisy, s, sigma2, weights, draws, topk, dtype, n_maps):
         """Exact re-scoring of query q against every position of the candidate images.
 
-        ``sample`` holds uniformly drawn non-candidates; their exact mass, scaled by
-        (N - M) / len(sample), estimates the non-candidates' share of the softmax normaliser.
+        The non-candidates' share of the softmax normaliser at each query position is the larger of
+        two estimates: the exact mass of ``sample`` (uniformly drawn non-candidates) scaled by
+        (N - M) / len(sample), and ``retrieved_out``, the known mass of their retrieved patches.
         """
         n, m = self.corpus.count, len(cand)
         inv = 1.0 / (2.0 * sigma2)
@@ -369,17 +398,17 @@ class Attributor:
                     fulls.append(torch.logsumexp(full, -1))
                     aggs.append(agg[0])
                 log_z_in = torch.logsumexp(torch.stack(fulls), 0)[0]  # (L,)
-                log_z = log_z_in
-                log_zs[(d, sc)] = log_z
+                log_z_out = retrieved_out[(d, sc)].to(log_z_in) if m < n else torch.full_like(log_z_in, -math.inf)
                 if len(sample):
                     out_full = []
                     for lo in range(0, len(sample), step):
                         imgs = self.corpus.take(sample[lo : lo + step]).to(self.device, dtype) * s
                         out_full.append(torch.logsumexp(log_masses(qp, extract_patches(imgs, sc), self.groups[sc], inv, None)[0], -1))
-                    log_z_out = torch.logsumexp(torch.stack(out_full), 0)[0] + math.log(outside_pool / len(sample))
-                    log_z = torch.logaddexp(log_z_in, log_z_out)
-                    log_zs[(d, sc)] = log_z
-                    outside[si] += float(torch.exp(log_z_out - log_z).mean()) / draws
+                    sampled = torch.logsumexp(torch.stack(out_full), 0)[0] + math.log(outside_pool / len(sample))
+                    log_z_out = torch.maximum(log_z_out, sampled)
+                log_z = torch.logaddexp(log_z_in, log_z_out)
+                log_zs[(d, sc)] = log_z
+                outside[si] += float(torch.exp(log_z_out - log_z).mean()) / draws
                 a = torch.exp(torch.cat(aggs, -1) - log_z[:, None]).double().cpu()  # (L, M)
                 scores += w / draws * a.sum(0)
                 per_pos.setdefault(sc, []).append(w / draws * a)

@@ -27,6 +27,10 @@ class TorchFlatSearch:
         self.chunk_images = chunk_images
         self.count = self.corpus.count
 
+    def distances_exact(self, scale) -> bool:
+        """Exhaustive float search: the returned distances are the true ones (up to float rounding)."""
+        return True
+
     def search(self, scale: Scale, vectors, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """vectors (Q, L, D) or (L, D) float32 -> dist float32, image int64, position int64, each (..., L, k).
 

@@ -109,3 +109,42 @@ def test_tail_option_scores_retrieved_non_candidates_and_leaves_candidates_alone
         np.testing.assert_array_equal(tail[q, cand], base[q, cand])
         others = np.setdiff1d(np.arange(len(corpus)), cand)
         assert (tail[q, others] > 0).any() and (tail[q, others] >= 0).all()
+
+
+class _Inexact:
+    """An exact searcher that says its distances are approximate (as PCA or quantised codes)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def search(self, *args, **kwargs):
+        return self.inner.search(*args, **kwargs)
+
+    def distances_exact(self, scale) -> bool:
+        return False
+
+
+def test_retrieved_non_candidates_enter_the_normaliser_only_from_exact_distances(crops):
+    """Without an outside sample the normaliser holds the candidates plus the exactly known mass of
+    the retrieved non-candidates: so each candidate's score lies between its exact score (whose
+    normaliser holds everything) and the score with a candidates-only normaliser."""
+    corpus, queries = crops
+    search = TorchFlatSearch(corpus, [3])
+    kw = dict(k=64, candidates=6, outside_sample=0, precision="float64")
+    with_retrieved = Attributor(search, corpus, [3]).attribute(queries, 300, **kw)
+    candidates_only = Attributor(_Inexact(search), corpus, [3]).attribute(queries, 300, **kw)
+    exact = exact_scores(corpus, queries, timesteps=300, scales=[3])[0]
+    for q in range(len(queries)):
+        ids, got = with_retrieved.sparse[(0, q)]
+        ids_c, upper = candidates_only.sparse[(0, q)]
+        np.testing.assert_array_equal(ids, ids_c)
+        assert (got <= upper * (1 + 1e-12)).all() and (got >= exact[q, ids] * (1 - 1e-9)).all()
+        assert (got < upper).any()
+    assert (with_retrieved.outside_mass > 0).all() and (candidates_only.outside_mass == 0).all()
+
+
+def test_tail_needs_exact_distances(crops):
+    corpus, queries = crops
+    att = Attributor(_Inexact(TorchFlatSearch(corpus, [3])), corpus, [3])
+    with pytest.raises(ValueError, match="tail"):
+        att.attribute(queries, 300, tail=True, candidates=5)

@@ -241,9 +241,16 @@ def test_cli_build_add_info(stores, tmp_path):
     res = runner.invoke(main, ["build", str(stores["a"].path), ix, "--scale", "5", "--factory", "Nope", "--overwrite"])
     assert res.exit_code != 0 and "unknown or unusable FAISS factory" in res.output
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text(f'store = "{stores["small"].path}"\nindex = "{tmp_path / "from-recipe"}"\nscales = ["3"]\n')
+    recipe.write_text(f'store = "{stores["small"].path}"\nindex = "{tmp_path / "from-recipe"}"\nscales = ["3"]\n'
+                      'candidate_stride = 2\nclasses = "interior"\n')
     res = runner.invoke(main, ["build", "--recipe", str(recipe), "--no-progress"])
-    assert res.exit_code == 0 and PatchIndex.open(tmp_path / "from-recipe").count == 5, res.output
+    built = PatchIndex.open(tmp_path / "from-recipe")
+    assert res.exit_code == 0 and built.count == 5, res.output
+    assert [c.width for c in built.layouts("3") if c.kind != "interior"] == [0] * 8  # 3x3 grid of 8x8: 8 border classes
+    res = runner.invoke(main, ["info", str(tmp_path / "from-recipe")])
+    assert "only the interior layout class is indexed" in res.output and "thumbnails 5 of 8x8" in res.output, res.output
+    res = subprocess.run([sys.executable, "-m", "nda_ann", "build", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--classes [all|interior]" in res.stdout
 
 
 # GPU --------------------------------------------------------------------------------------------
@@ -258,3 +265,18 @@ def test_gpu_build_matches_cpu_build(stores, tmp_path):
     (dg, ig, _), = results(gpu, k=3)
     (dc, ic, _), = results(cpu, k=3)
     assert np.mean(ig == ic) > 0.9
+
+
+def test_thumbnails_are_stored_with_the_index_and_follow_an_add(stores, tmp_path):
+    from nda_ann.inputs import CorpusView
+    from nda_ann.thumbnails import corpus_thumbnails
+
+    index = build_index(stores["a"], tmp_path / "t", ["5"], progress=False)
+    first = index.manifest["thumbnails"]["file"]
+    np.testing.assert_array_equal(index.thumbnails(), corpus_thumbnails(CorpusView(stores["a"])))
+    grown = add_to_index(tmp_path / "t", stores["b"], progress=False)
+    np.testing.assert_array_equal(grown.thumbnails(), corpus_thumbnails(CorpusView(stores["ab"])))
+    assert not (tmp_path / "t" / first).exists()
+    (tmp_path / "t" / grown.manifest["thumbnails"]["file"]).write_bytes(b"x")  # truncated: refused on open
+    with pytest.raises(IndexError_, match="thumbnails"):
+        PatchIndex.open(tmp_path / "t")

@@ -254,3 +254,33 @@ def test_ivf_recall_with_auto_nlist(tmp_path):
     """Auto nlist (2048 for 135k interior patches), default nprobe 32: measured 0.99 / 0.93."""
     recall = ivf_recalls(tmp_path, ["IVF{nlist},Flat", "IVF{nlist},SQ8"])
     assert recall["IVF{nlist},Flat"] >= 0.97 and recall["IVF{nlist},SQ8"] >= 0.9, recall
+
+
+def test_interior_only_index_searches_interior_positions_like_brute_force_and_border_ones_not_at_all(corpus, tmp_path):
+    """--classes interior with stride 2: interior queries get the brute-force neighbours among the
+    indexed (interior, stride-grid) positions; border queries retrieve nothing."""
+    _, store, images, queries = corpus
+    index = build_index(store, tmp_path / "interior", ["5"], candidate_stride=2, classes="interior", progress=False)
+    s = Scale(5)
+    layouts = index.layouts(s)
+    interior = next(c for c in layouts if c.kind == "interior")
+    allowed = np.zeros(s.grid(12) ** 2, bool)
+    allowed[interior.indexed] = True
+    assert 0 < interior.width < interior.positions.size and all(c.width == 0 for c in layouts if c.kind != "interior")
+    q = extract_patches(torch.from_numpy(to_float(queries)).float(), s).numpy()
+    dist, image, pos = index.search(s, q, k=6)
+    want = naive_search(to_float(images), to_float(queries), 5, 1, k=6, allowed=allowed)
+    inner = interior.positions
+    assert_same_neighbours((dist[:, inner], image[:, inner], pos[:, inner]), tuple(w[:, inner] for w in want))
+    border = np.setdiff1d(np.arange(s.grid(12) ** 2), inner)
+    assert np.isinf(dist[:, border]).all() and (image[:, border] == -1).all()
+    assert any("interior" in a for a in index.manifest["scales"][0]["approximations"])
+    assert index.distances_exact(s)
+    reopened = PatchIndex.open(tmp_path / "interior")  # class layouts are rebuilt from the manifest on open
+    np.testing.assert_array_equal(reopened.search(s, q, k=6)[1], image)
+
+
+def test_pca_codes_do_not_claim_exact_distances(corpus, tmp_path):
+    _, store, _, _ = corpus
+    index = build_index(store, tmp_path / "pca", ["5"], factory="PCA16,IVF4,SQ8", progress=False)
+    assert not index.distances_exact("5")

@@ -10,7 +10,7 @@ import click
 from ..errors import NdaError
 from .group import main
 
-DEFAULTS: dict[str, Any] = {"factory": "auto", "memory_budget": "8G", "candidate_stride": 1, "gpu": "auto", "seed": 0}
+DEFAULTS: dict[str, Any] = {"factory": "auto", "memory_budget": "8G", "candidate_stride": 1, "classes": "all", "gpu": "auto", "seed": 0}
 
 
 @main.command("build")
@@ -20,6 +20,9 @@ DEFAULTS: dict[str, Any] = {"factory": "auto", "memory_budget": "8G", "candidate
 @click.option("--factory", default=None, help="auto (default: Flat, IVF-Flat/SQ8 or PCA+IVF-PQ by class size and budget) or a FAISS factory string; '{nlist}' is filled in.")
 @click.option("--memory-budget", default=None, help="RAM the build may use, e.g. 8G (default); larger scales are sharded.")
 @click.option("--candidate-stride", type=click.IntRange(min=1), default=None, help="Index only positions on a stride grid (default 1 = all).")
+@click.option("--classes", type=click.Choice(["all", "interior"]), default=None,
+              help="Layout classes to index: all (default), or interior only (border query patches then retrieve "
+                   "nothing; re-scoring still covers them). For million-image corpora: border classes hold most vectors at stride > 1.")
 @click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default=None, help="Train and add on GPUs (auto: when FAISS sees one).")
 @click.option("--seed", type=int, default=None, help="Seed of the training sample (default 0).")
 @click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -27,8 +30,8 @@ DEFAULTS: dict[str, Any] = {"factory": "auto", "memory_budget": "8G", "candidate
 @click.option("--overwrite", is_flag=True, help="Replace an existing INDEX (atomically).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def build_command(store: Path | None, index: str | None, scales: tuple[str, ...], factory: str | None,
-                  memory_budget: str | None, candidate_stride: int | None, gpu: str | None, seed: int | None,
-                  recipe: Path | None, overwrite: bool, progress: bool) -> None:
+                  memory_budget: str | None, candidate_stride: int | None, classes: str | None, gpu: str | None,
+                  seed: int | None, recipe: Path | None, overwrite: bool, progress: bool) -> None:
     """Build a patch index of STORE at INDEX (a bare name lands in indexes/NAME).
 
     Rerunning an interrupted build with the same settings resumes from its finished shards.
@@ -39,7 +42,7 @@ def build_command(store: Path | None, index: str | None, scales: tuple[str, ...]
     try:
         base = load_recipe(recipe) if recipe else {}
         given = {"store": store, "index": index, "scales": list(scales) or None, "factory": factory,
-                 "memory_budget": memory_budget, "candidate_stride": candidate_stride, "gpu": gpu, "seed": seed}
+                 "memory_budget": memory_budget, "candidate_stride": candidate_stride, "classes": classes, "gpu": gpu, "seed": seed}
         opts = {k: v if v is not None else base.get(k, DEFAULTS.get(k)) for k, v in given.items()}
         for key, hint in (("store", "STORE"), ("index", "INDEX"), ("scales", "--scale 7")):
             if not opts[key]:

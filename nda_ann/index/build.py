@@ -22,13 +22,14 @@ from ..scales import Scale, ScaleLike, parse_scales
 from ..store import Store
 from .factory import FLAT_MAX, IVF_MAX, parse_memory
 from .gpu import device_name, resolve_gpu
-from .layout_ids import ClassLayout
+from .layout_ids import INDEX_CLASSES, ClassLayout
 from .manifest import (ID_SPACE, INDEX_FORMAT, INDEX_SCHEMA_VERSION, MANIFEST_FILE, TRAINED_DIR, check_files,
                        layouts_of, now, read_manifest, resolve_index_path, shard_dir, store_entry, versions)
 from .phases import RATES, human_bytes, human_seconds, log, phase
 from .plan import approximations, batch_images, kind_factories, plan_scale, shard_ranges, specs_of
 from .search import PatchIndex
 from .shard import build_shard, read_done_shard
+from .thumbs import append_thumbs, build_thumbs
 from .train import kmeans_seconds, train_templates
 
 PLAN_FILE = "plan.json"
@@ -99,7 +100,8 @@ def _build_shards(store: Store, entry: dict[str, Any], layouts: Sequence[ClassLa
 
 def build_index(store: Store | str | Path, index_path: str | Path, scales: Sequence[ScaleLike],
                 factory: str = "auto", memory_budget: str | int = "8G", candidate_stride: int = 1,
-                gpu: str = "auto", overwrite: bool = False, seed: int = 0, progress: bool = True) -> PatchIndex:
+                gpu: str = "auto", overwrite: bool = False, seed: int = 0, progress: bool = True,
+                classes: str = "all") -> PatchIndex:
     """Build a patch index of ``store`` at every scale and publish it at ``index_path``.
 
     A bare name lands under ``indexes/`` (or $NDA_ANN_INDEXES). Each scale stores the unscaled patch
@@ -119,14 +121,16 @@ def build_index(store: Store | str | Path, index_path: str | Path, scales: Seque
         raise IndexError_(final, "already exists; pass --overwrite to replace it, or `nda-ann add` to append a store")
     if int(candidate_stride) < 1:
         raise InputError(None, f"candidate stride must be >= 1, got {candidate_stride}")
+    if classes not in INDEX_CLASSES:
+        raise InputError(None, f"classes must be one of {', '.join(INDEX_CLASSES)}, got {classes!r}")
     budget = parse_memory(memory_budget)
     use_gpu = resolve_gpu(gpu)
-    entries = [plan_scale(s, len(store), store.resolution, store.channels, int(candidate_stride), factory, budget)
-               for s in scale_list]
+    entries = [plan_scale(s, len(store), store.resolution, store.channels, int(candidate_stride), factory, budget,
+                          classes) for s in scale_list]
     batch = batch_images(budget, store.resolution, store.channels, scale_list)
     plan = {"store_fingerprint": store.fingerprint, "count": len(store), "resolution": store.resolution,
             "channels": store.channels, "factory": factory, "memory_budget": budget, "seed": seed,
-            "candidate_stride": int(candidate_stride), "scales": entries}
+            "candidate_stride": int(candidate_stride), "classes": classes, "scales": entries}
     staging = final.with_name(f".{final.name}.building")
     with index_lock(final):
         _prepare_staging(staging, plan)
@@ -144,6 +148,7 @@ def build_index(store: Store | str | Path, index_path: str | Path, scales: Seque
             entry["shards"] = _build_shards(store, entry, layouts, root, root / TRAINED_DIR, ranges,
                                             0, 0, batch, use_gpu, progress, counter)
         manifest = _manifest(plan, entries, final, store, gpu, use_gpu, time.time() - t0)
+        manifest["thumbnails"] = build_thumbs(staging, [store])
         write_json_atomic(staging / MANIFEST_FILE, manifest)
         try:
             publish_dir(staging, final, overwrite=overwrite)
@@ -197,7 +202,7 @@ def _manifest(plan: dict[str, Any], entries: list[dict[str, Any]], final: Path, 
         "resolution": store.resolution, "channels": store.channels, "count": len(store),
         "stores": [store_entry(store.path, final, store.fingerprint, len(store), 0)],
         "params": {"factory": plan["factory"], "memory_budget": plan["memory_budget"], "seed": plan["seed"],
-                   "candidate_stride": plan["candidate_stride"], "gpu": gpu_choice,
+                   "candidate_stride": plan["candidate_stride"], "classes": plan["classes"], "gpu": gpu_choice,
                    "scales": [e["scale"] for e in entries]},
         "build_seconds": round(seconds, 2),
         "id_space": ID_SPACE, "distance": "squared L2 between unscaled patch vectors (query q / s, rescale by s^2)",
@@ -254,6 +259,8 @@ def add_to_index(index_path: str | Path, store: Store | str | Path, gpu: str = "
                     shutil.rmtree(target)
                 os.rename(staging / entry["dir"] / shard["dir"], target)
             entry["shards"] = entry["shards"] + shards
+        old_thumbs = manifest.get("thumbnails")
+        manifest["thumbnails"] = append_thumbs(final, old_thumbs, [Store.open(p) for p in PatchIndex(final, manifest, True).store_paths()], store)
         manifest["count"] = offset + len(store)
         manifest["stores"].append(store_entry(store.path, final, store.fingerprint, len(store), offset))
         manifest["updated"] = now()
@@ -263,6 +270,8 @@ def add_to_index(index_path: str | Path, store: Store | str | Path, gpu: str = "
                                     "device": device_name(use_gpu)})
         write_json_atomic(final / MANIFEST_FILE, manifest)
         shutil.rmtree(staging, ignore_errors=True)
+        if old_thumbs and old_thumbs["file"] != manifest["thumbnails"]["file"]:
+            (final / old_thumbs["file"]).unlink(missing_ok=True)
     log.info("added %d images to %s in %.1f s", len(store), final, time.time() - t0)
     return PatchIndex.open(final)
 

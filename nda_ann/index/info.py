@@ -60,5 +60,9 @@ def index_summary(index: PatchIndex) -> str:
             lines.append(f"  trained templates ({TRAINED_DIR}/): {human_bytes(sz['template_bytes'])}")
         for a in entry["approximations"] or ["exact: every class is a Flat index over every position"]:
             lines.append(f"  approximation: {a}")
+    thumbs = m.get("thumbnails")
+    if thumbs:
+        total += thumbs["bytes"]
+        lines.append(f"thumbnails {thumbs['count']:,} of {thumbs['side']}x{thumbs['side']} (float16), {human_bytes(thumbs['bytes'])}: {thumbs['file']}")
     lines.append(f"total      {human_bytes(total)} on disk")
     return "\n".join(lines)

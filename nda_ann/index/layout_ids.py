@@ -59,14 +59,28 @@ class ClassLayout:
         return image, position
 
 
-def class_layouts(size: int, scale: Scale, stride: int = 1) -> list[ClassLayout]:
-    """The layout classes of a size x size image at ``scale``, in ``layout_groups`` order."""
+INDEX_CLASSES = ("all", "interior")
+INTERIOR_RULE = (
+    "only the interior layout class is indexed (--classes interior): query patches that are clipped by "
+    "the image border retrieve nothing, so candidate images come from interior patches alone; dense "
+    "re-scoring still covers every position of every candidate"
+)
+
+
+def class_layouts(size: int, scale: Scale, stride: int = 1, classes: str = "all") -> list[ClassLayout]:
+    """The layout classes of a size x size image at ``scale``, in ``layout_groups`` order.
+
+    ``classes="interior"`` indexes no position of the border classes (their ``indexed`` is empty).
+    """
     if stride < 1:
         raise ValueError(f"candidate stride must be >= 1, got {stride}")
+    if classes not in INDEX_CLASSES:
+        raise ValueError(f"classes must be one of {INDEX_CLASSES}, got {classes!r}")
     keep = candidate_grid(size, scale, stride).numpy()
     out = []
     for gi, group in enumerate(layout_groups(size, scale)):
         pos = group.positions.numpy().astype(np.int64)
-        out.append(ClassLayout(gi, group.key, pos, pos[keep[pos]]))
+        indexed = pos[keep[pos]] if classes == "all" or group.interior else pos[:0]
+        out.append(ClassLayout(gi, group.key, pos, indexed))
     return out
 

@@ -113,7 +113,7 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
     fix = "rebuild with `nda-ann build STORE INDEX ... --overwrite` (or rerun the `add` that made the shard)"
     for entry in manifest["scales"]:
         scale = Scale(entry["patch"], entry["factor"])
-        layouts = class_layouts(manifest["resolution"], scale, entry["candidate_stride"])
+        layouts = class_layouts(manifest["resolution"], scale, entry["candidate_stride"], entry.get("index_classes", "all"))
         if [c.width for c in layouts] != [c["indexed"] for c in entry["classes"]]:
             raise IndexError_(path, f"scale {scale}: layout classes differ from this nda-ann's; {fix}")
         sdir = path / entry["dir"]
@@ -121,6 +121,8 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
         for shard in entry["shards"]:
             for name, size in shard["files"].items():
                 expected[sdir / shard["dir"] / name] = size
+        if manifest.get("thumbnails"):
+            expected[path / manifest["thumbnails"]["file"]] = manifest["thumbnails"]["bytes"]
         for fpath, size in expected.items():
             actual = fpath.stat().st_size if fpath.exists() else -1
             if actual == -1:
@@ -131,4 +133,5 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
 
 def layouts_of(manifest: dict[str, Any], entry: dict[str, Any]) -> list[ClassLayout]:
     """The class layouts of one scale entry of a manifest."""
-    return class_layouts(manifest["resolution"], Scale(entry["patch"], entry["factor"]), entry["candidate_stride"])
+    return class_layouts(manifest["resolution"], Scale(entry["patch"], entry["factor"]), entry["candidate_stride"],
+                         entry.get("index_classes", "all"))

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..scales import Scale
 from .factory import ClassSpec, class_specs
-from .layout_ids import STRIDE_RULE, ClassLayout, class_layouts
+from .layout_ids import INTERIOR_RULE, STRIDE_RULE, ClassLayout, class_layouts
 from .manifest import scale_dir
 
 INDEX_SHARE = 3        # a shard's sub-indexes take at most budget / 3 (Flat grows by doubling)
@@ -28,10 +28,10 @@ def shard_ranges(count: int, images_per_shard: int) -> list[tuple[int, int]]:
 
 
 def plan_scale(scale: Scale, count: int, resolution: int, channels: int, stride: int, factory: str,
-               budget: int) -> dict[str, Any]:
+               budget: int, classes: str = "all") -> dict[str, Any]:
     """The plan entry of one scale (the manifest's scale entry, less shards' results)."""
     scale.check_fits(resolution)
-    layouts = class_layouts(resolution, scale, stride)
+    layouts = class_layouts(resolution, scale, stride, classes)
     d = scale.dim(channels)
     specs = class_specs([max(1, count * c.width) for c in layouts], d, budget, factory)
     per_image = sum(c.width * s.code_bytes for c, s in zip(layouts, specs))
@@ -40,6 +40,7 @@ def plan_scale(scale: Scale, count: int, resolution: int, channels: int, stride:
     return {
         "scale": str(scale), "patch": scale.patch, "factor": scale.factor, "dim": d,
         "grid": scale.grid(resolution), "candidate_stride": stride, "stride_rule": STRIDE_RULE,
+        **({"index_classes": classes} if classes != "all" else {}),
         "dir": scale_dir(scale), "images_per_shard": per_shard,
         "bytes_per_image": per_image,
         "classes": [class_entry(c, s) for c, s in zip(layouts, specs)],
@@ -61,8 +62,10 @@ def approximations(entry: dict[str, Any]) -> list[str]:
     out = []
     if entry["candidate_stride"] > 1:
         out.append(f"candidate stride {entry['candidate_stride']}: {entry['stride_rule']}")
+    if entry.get("index_classes", "all") == "interior":
+        out.append(INTERIOR_RULE)
     empty = [c["index"] for c in entry["classes"] if c["indexed"] == 0]
-    if empty:
+    if empty and entry.get("index_classes", "all") == "all":
         out.append(f"layout classes {empty} keep no position on the stride grid: their queries retrieve nothing")
     by_tier: dict[str, list[int]] = {}
     for c in entry["classes"]:

@@ -1,6 +1,6 @@
 """Recipes: small TOML or JSON files (kept in indexes/) that say how to build an index.
 
-Keys: store, index, scales, factory, memory_budget, candidate_stride, gpu, seed. Paths are taken
+Keys: store, index, scales, factory, memory_budget, candidate_stride, classes, gpu, seed. Paths are taken
 relative to the current directory, like command-line arguments; ``index`` defaults to the recipe's
 file name without extension (a bare name, so the index lands in indexes/<name>).
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import InputError
 
-RECIPE_KEYS = ("store", "index", "scales", "factory", "memory_budget", "candidate_stride", "gpu", "seed")
+RECIPE_KEYS = ("store", "index", "scales", "factory", "memory_budget", "candidate_stride", "classes", "gpu", "seed")
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

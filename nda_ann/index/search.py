@@ -88,6 +88,12 @@ class PatchIndex:
     def __repr__(self) -> str:
         return f"PatchIndex({str(self.path)!r}, images={self.count}, scales={[str(s) for s in self.scales]})"
 
+    def thumbnails(self) -> np.ndarray | None:
+        """(N, C * 8 * 8) float16 thumbnails stored with the index (memory-mapped), or None."""
+        from .thumbs import open_thumbs
+
+        return open_thumbs(self.path, self.manifest.get("thumbnails"))
+
     def store_paths(self) -> list[Path]:
         """The member stores in image-id order: the absolute path if it exists, else the relative one."""
         out = []
@@ -132,6 +138,13 @@ class PatchIndex:
             self._loaded[key] = index
         return self._loaded[key]
 
+    def distances_exact(self, scale: ScaleLike) -> bool:
+        """Whether ``search`` returns true squared distances at ``scale`` (Flat or IVF-Flat codes, no
+        PCA/OPQ): only then may retrieved distances enter a softmax normaliser as they are."""
+        entry = self._entries[self._scale(scale)]
+        return all(c["factory"].split(",")[-1] == "Flat" and not c["factory"].startswith(("PCA", "OPQ"))
+                   for c in entry["classes"] if c["indexed"])
+
     def search(self, scale: ScaleLike, vectors: np.ndarray | torch.Tensor, k: int,
                nprobe: int | None = None) -> tuple[Any, Any, Any]:
         """k nearest same-layout candidates of every query patch.
@@ -161,6 +174,8 @@ class PatchIndex:
         image = np.full((q_count, L, k), -1, dtype=np.int64)
         position = np.full((q_count, L, k), -1, dtype=np.int64)
         for c in self._layouts[scale]:
+            if c.width == 0:  # a class with nothing indexed (candidate stride, --classes interior)
+                continue
             queries = np.ascontiguousarray(x[:, c.positions].reshape(-1, D))
             d_c, i_c = self._search_class(scale, entry, c, queries, k, nprobe)
             img, pos = c.decode(i_c)
