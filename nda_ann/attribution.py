@@ -7,7 +7,9 @@ For each query and timestep:
    over scales and noise draws, and add the nearest images by thumbnail;
 3. re-score the top M candidate images exactly at every position from the store's pixels; the
    mass of the non-candidates is estimated from a uniform random sample of them and enters the
-   softmax normaliser (reported as ``outside_mass``); images outside the M score 0.
+   softmax normaliser (reported as ``outside_mass``) together with the known mass of their
+   retrieved patches; images outside the M score the weights of their retrieved patches (``tail``,
+   the default when the index's distances are exact), or 0 (SPEC section 4's estimator).
 ``mode="fast"`` stops after step 1 and scores the truncated softmax over the K retrieved patches.
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ class AttributionSettings:
     outside_sample: int = 32
     precision: str = "float32"
     maps: int = 8
-    tail: bool = False
+    tail: bool = True
 
     def thumbnail_share_at(self, t: int, sched: NoiseSchedule) -> float:
         """Share of the M candidates taken from the thumbnail search at t (default: by noise level)."""
@@ -231,14 +233,15 @@ class Attributor:
         outside_sample: int = 32,
         precision: str = "float32",
         maps: int = 8,
-        tail: bool = False,
+        tail: bool | None = None,
         names: Sequence[str] | None = None,
         progress: bool = False,
     ) -> Attribution:
         """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
 
         Returns an Attribution with scores (T, Q, N), heatmaps of the top ``maps`` images, and
-        the estimated mass outside the M candidates per query and scale.
+        the estimated mass outside the M candidates per query and scale. ``tail`` (default: on when
+        the index's distances are exact) scores non-candidates by their retrieved patches.
         """
         from .queries import load_queries
 
@@ -251,7 +254,9 @@ class Attributor:
         for name, value in (("k", k), ("candidates", candidates), ("noise_draws", noise_draws)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        if tail and mode == "rescore" and not all(self._distances_exact(sc) for sc in self.scales):
+        exact_distances = all(self._distances_exact(sc) for sc in self.scales)
+        tail = (exact_distances if tail is None else bool(tail)) and mode == "rescore"
+        if tail and not exact_distances:
             raise ValueError("tail=True scores non-candidates from their retrieved distances, which this index only "
                              "approximates (PCA or quantised codes); use an index with Flat or IVF-Flat codes")
         if topk is not None and (int(topk) != topk or topk < 1):
@@ -427,7 +432,9 @@ class Attributor:
         """Give non-candidates their retrieved patches' exact weights under the re-scoring normaliser.
 
         A lower bound of their exact score (only retrieved patches count; topk is not applied to
-        them), instead of 0. Experimental (``tail=True``); SPEC section 4's estimator scores them 0.
+        them), instead of the 0 of SPEC section 4's estimator. On by default when the index's
+        distances are exact (measured: at t = 100, M = 200 on 3,000 crops, subset-sum Spearman
+        0.982 -> 0.997 and relative L1 0.18 -> 0.04; BENCHMARKS.md).
         """
         extra = np.zeros(self.corpus.count)
         for (d, sc), (dist, image, _) in hits.items():

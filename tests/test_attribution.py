@@ -65,7 +65,7 @@ def test_torch_search_returns_brute_force_neighbours_of_the_same_layout(crops):
 def test_small_candidate_set_finds_copy_and_reports_outside_mass(crops):
     corpus, _ = crops
     att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
-    res = att.attribute(corpus[[7, 21]], [100, 500], k=32, candidates=5, outside_sample=8, seed=1)
+    res = att.attribute(corpus[[7, 21]], [100, 500], k=32, candidates=5, outside_sample=8, seed=1, tail=False)
     assert [res.top(q, 1, 100)[0][0] for q in range(2)] == [7, 21]
     assert ((res.outside_mass > 0) & (res.outside_mass < 1)).all()
     per_image = res.scores
@@ -102,13 +102,15 @@ def test_tail_option_scores_retrieved_non_candidates_and_leaves_candidates_alone
     corpus, queries = crops
     att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
     kw = dict(k=64, candidates=5, outside_sample=8, topk=None)
-    base = att.attribute(queries, 300, **kw).scores[0]
+    base = att.attribute(queries, 300, tail=False, **kw).scores[0]
+    default = att.attribute(queries, 300, **kw).scores[0]  # exact distances: tail on by default
     tail = att.attribute(queries, 300, tail=True, **kw).scores[0]
     for q in range(len(queries)):
         cand = np.nonzero(base[q])[0]
         np.testing.assert_array_equal(tail[q, cand], base[q, cand])
         others = np.setdiff1d(np.arange(len(corpus)), cand)
         assert (tail[q, others] > 0).any() and (tail[q, others] >= 0).all()
+    np.testing.assert_array_equal(default, tail)
 
 
 class _Inexact:
@@ -130,7 +132,7 @@ def test_retrieved_non_candidates_enter_the_normaliser_only_from_exact_distances
     normaliser holds everything) and the score with a candidates-only normaliser."""
     corpus, queries = crops
     search = TorchFlatSearch(corpus, [3])
-    kw = dict(k=64, candidates=6, outside_sample=0, precision="float64")
+    kw = dict(k=64, candidates=6, outside_sample=0, precision="float64", tail=False)
     with_retrieved = Attributor(search, corpus, [3]).attribute(queries, 300, **kw)
     candidates_only = Attributor(_Inexact(search), corpus, [3]).attribute(queries, 300, **kw)
     exact = exact_scores(corpus, queries, timesteps=300, scales=[3])[0]

@@ -362,11 +362,15 @@ def test_a_failed_build_overwrite_keeps_the_old_index(fault, index_case, tmp_pat
     assert hidden(tmp_path) == []
 
 
-@pytest.mark.parametrize("fault", ["shard file", "moving shards in", "manifest"])
+@pytest.mark.parametrize("fault", ["shard file", "moving shards in", "thumbnails", "manifest"])
 def test_a_failed_add_keeps_the_old_index(fault, index_case, tmp_path, monkeypatch):
     ix = tmp_path / "ix"
     shutil.copytree(index_case["base"].path, ix)
-    if fault == "shard file":
+    if fault == "thumbnails":
+        from nda_ann.index import thumbs as thumbs_mod
+
+        fail_on_call(monkeypatch, thumbs_mod, "write_thumbs", 1)
+    elif fault == "shard file":
         fail_on_call(monkeypatch, faiss, "write_index", 2)
     elif fault == "moving shards in":
         fail_on_call(monkeypatch, os, "rename", 2, when=_under(ix))
@@ -376,7 +380,10 @@ def test_a_failed_add_keeps_the_old_index(fault, index_case, tmp_path, monkeypat
         add_to_index(ix, index_case["b"], progress=False)
     monkeypatch.undo()
     assert same_index(PatchIndex.open(ix), index_case["base"])
-    assert same_index(add_to_index(ix, index_case["b"], progress=False), index_case["ref_add"])
+    np.testing.assert_array_equal(PatchIndex.open(ix).thumbnails(), index_case["base"].thumbnails())
+    added = add_to_index(ix, index_case["b"], progress=False)
+    assert same_index(added, index_case["ref_add"])
+    np.testing.assert_array_equal(added.thumbnails(), index_case["ref_add"].thumbnails())
     assert hidden(tmp_path) == []
 
 

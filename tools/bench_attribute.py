@@ -91,18 +91,20 @@ def fidelity(args) -> None:
         att = Attributor(index, CorpusView(Store.open(store.path)), index.scales)
         exact = exact_cached(store, queries, cfg_name, args.timesteps, work)
         for ti, t in enumerate(args.timesteps):
-            settings = [("fast", k, 0, None) for k in args.ks] + [("rescore", k, m, None) for k in args.ks for m in args.ms]
-            settings += [("rescore", args.ks[-1], args.ms[-2] if len(args.ms) > 1 else args.ms[0], p) for p in args.nprobes]
-            for mode, k, m, nprobe in settings:
+            settings = [("fast", k, 0, None, False) for k in args.ks if not args.no_fast]
+            settings += [("rescore", k, m, None, False) for k in args.ks for m in args.ms]
+            settings += [("rescore", args.ks[-1], args.ms[-2] if len(args.ms) > 1 else args.ms[0], p, False) for p in args.nprobes]
+            settings += [("rescore", args.ks[-1], m, None, True) for m in args.ms if args.tail]
+            for mode, k, m, nprobe, tail in settings:
                 t0 = time.perf_counter()
-                res = att.attribute(queries, [t], k=k, candidates=max(m, 1), nprobe=nprobe, mode=mode, alpha=cfg["alpha"], topk=cfg["topk"], maps=0)
+                res = att.attribute(queries, [t], k=k, candidates=max(m, 1), nprobe=nprobe, mode=mode, alpha=cfg["alpha"], topk=cfg["topk"], maps=0, tail=tail)
                 secs = (time.perf_counter() - t0) / len(queries)
                 fid = summarize(res.scores[0], exact[ti])
                 out_mass = float(res.outside_mass.mean()) if mode == "rescore" else float("nan")
-                row = {"config": cfg_name, "t": t, "mode": mode, "k": k, "m": m, "nprobe": nprobe or "default", "s_per_query": secs, "outside": out_mass, **fid}
+                row = {"config": cfg_name, "t": t, "mode": mode + (" + tail" if tail else ""), "k": k, "m": m, "nprobe": nprobe or "default", "s_per_query": secs, "outside": out_mass, **fid}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    (work / f"fidelity-{args.n}.json").write_text(json.dumps(rows, indent=1))
+    (work / (args.out or f"fidelity-{args.n}.json")).write_text(json.dumps(rows, indent=1))
     if not args.no_write:
         write_fidelity(rows, args, store)
 
@@ -116,7 +118,7 @@ def write_fidelity(rows, args, store) -> None:
              "Columns: top-10 overlap, Spearman over all N, subset-sum Spearman (64 random 50% subsets), relative L1, estimated mass outside the candidates, seconds per query (one timestep, all scales).", "",
              "| config | t | mode | K | M | nprobe | top-10 | Spearman | subset-sum | rel. L1 | outside | s/query |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['t']} | {r['mode']} | {r['k']} | {r['m'] if r['mode'] == 'rescore' else '-'} | {r['nprobe']} | {r['top10_overlap']:.2f} | {r['spearman']:.3f} | {r['subset_sum_spearman']:.3f} | {r['relative_l1']:.3f} | {r['outside']:.3f} | {r['s_per_query']:.2f} |")
+        lines.append(f"| {r['config']} | {r['t']} | {r['mode']} | {r['k']} | {r['m'] if r['mode'].startswith('rescore') else '-'} | {r['nprobe']} | {r['top10_overlap']:.2f} | {r['spearman']:.3f} | {r['subset_sum_spearman']:.3f} | {r['relative_l1']:.3f} | {r['outside']:.3f} | {r['s_per_query']:.2f} |")
     update_section(f"bench_attribute_fidelity_{args.n}", "\n".join(lines))
     plot_fidelity(rows, Path(__file__).resolve().parent.parent / "docs" / f"fidelity-{args.n}.png")
 
@@ -197,6 +199,9 @@ def main() -> None:
     f.add_argument("--ks", type=int, nargs="+", default=[256, 1024])
     f.add_argument("--ms", type=int, nargs="+", default=[50, 100, 200, 500])
     f.add_argument("--nprobes", type=int, nargs="*", default=[])
+    f.add_argument("--tail", action="store_true", help="also rows with tail=True (needs exact index distances)")
+    f.add_argument("--no-fast", action="store_true", help="skip the fast-mode rows")
+    f.add_argument("--out", default=None, help="results JSON name under --work (default fidelity-N.json)")
     s = sub.add_parser("speed")
     s.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     s.add_argument("--batch", type=int, nargs="+", default=[1, 64])
