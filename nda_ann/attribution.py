@@ -27,7 +27,7 @@ from .dense import chunk_size, log_masses
 from .device import describe_device, resolve_device, resolve_dtype
 from .exact import positions_to_pixels, scale_weights
 from .inputs import CorpusView, check_compatible
-from .patches import extract_patches, layout_groups
+from .patches import extract_patches, layout_groups, patch_view
 from .scales import Scale
 from .schedule import NoiseSchedule, noise_images
 from .thumbnails import corpus_thumbnails, nearest_thumbnails, thumbnails
@@ -36,6 +36,11 @@ from .units import parse_bytes
 log = logging.getLogger("nda_ann.attribution")
 
 Mode = Literal["rescore", "fast"]
+
+# tail scores from an index with approximate distances: the TAIL_K nearest retrieved patches of
+# each query patch are re-measured exactly from the store's pixels
+TAIL_K = 32
+TAIL_IMAGES = 4096  # images loaded at once for that
 
 # M: measured on the 3,000-crop demo corpus at t = 100 (BENCHMARKS.md), M = 500 reaches top-10
 # overlap 0.98 and subset-sum Spearman 0.998; M = 200 only 0.93 and 0.975.
@@ -254,11 +259,7 @@ class Attributor:
         for name, value in (("k", k), ("candidates", candidates), ("noise_draws", noise_draws)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        exact_distances = all(self._distances_exact(sc) for sc in self.scales)
-        tail = (exact_distances if tail is None else bool(tail)) and mode == "rescore"
-        if tail and not exact_distances:
-            raise ValueError("tail=True scores non-candidates from their retrieved distances, which this index only "
-                             "approximates (PCA or quantised codes); use an index with Flat or IVF-Flat codes")
+        tail = (True if tail is None else bool(tail)) and mode == "rescore"
         if topk is not None and (int(topk) != topk or topk < 1):
             raise ValueError(f"topk must be a positive integer, got {topk}")
         weights = scale_weights(self.scales, alpha)
@@ -283,10 +284,11 @@ class Attributor:
                     mass = self._candidate_mass(q, hits, s, sigma2, weights, noise_draws)
                     cand = self._select_candidates(mass, noisy, q, s, min(candidates, n), settings.thumbnail_share_at(t, sched))
                     sample = self._outside_sample(order, cand, outside_sample)
-                    retrieved_out = self._retrieved_outside(q, cand, hits, s, sigma2)
+                    known = self._known_distances(q, cand, hits, noisy, s)
+                    retrieved_out = self._retrieved_outside(cand, known, s, sigma2)
                     ids, vals, maps_q, outside, log_zs = self._rescore(q, cand, sample, retrieved_out, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
                     if tail:
-                        ids, vals = self._add_tail(q, ids, vals, cand, hits, log_zs, s, sigma2, weights, noise_draws)
+                        ids, vals = self._add_tail(ids, vals, cand, known, log_zs, s, sigma2, weights, noise_draws)
                     result.kept_maps[(ti, q)] = maps_q
                     result.outside_mass[ti, q] = outside
                 result.sparse[(ti, q)] = (ids, vals)
@@ -350,21 +352,48 @@ class Attributor:
         ids = np.nonzero(acc)[0]
         return ids, acc[ids]
 
-    def _retrieved_outside(self, q: int, cand: np.ndarray, hits: dict, s: float, sigma2: float) -> dict:
+    def _known_distances(self, q: int, cand: np.ndarray, hits: dict, noisy: list[torch.Tensor], s: float) -> dict:
+        """Per (draw, scale): (dist (L, K'), image (L, K')) of retrieved patches with exact distances.
+
+        From an index with exact distances (Flat, IVF-Flat), all K retrieved as they are. Otherwise
+        (PCA, quantised codes, which misjudge them) the ``TAIL_K`` nearest of each query patch that
+        belong to non-candidates, re-measured from the store's pixels; the others are dropped (-1).
+        """
+        out = {}
+        for (d, sc), (dist, image, position) in hits.items():
+            if self._distances_exact(sc):
+                out[(d, sc)] = (dist[q], image[q])
+                continue
+            kt = min(TAIL_K, dist.shape[-1])
+            img, pos = image[q][:, :kt], position[q][:, :kt]
+            keep = (img >= 0) & ~np.isin(img, cand)
+            exact = np.full(img.shape, np.inf, dtype=np.float64)
+            u_idx, k_idx = np.nonzero(keep)
+            if len(u_idx):
+                qv = extract_patches(noisy[d][q : q + 1], sc)[0].double() / s  # (L, D), unscaled like the index
+                uniq, inv = np.unique(img[u_idx, k_idx], return_inverse=True)
+                g = sc.grid(self.size)
+                for lo in range(0, len(uniq), TAIL_IMAGES):
+                    sel = np.nonzero((inv >= lo) & (inv < lo + TAIL_IMAGES))[0]
+                    view = patch_view(self.corpus.take(uniq[lo : lo + TAIL_IMAGES]), sc)  # (B, G, G, C, m, m)
+                    p = pos[u_idx[sel], k_idx[sel]]
+                    y = view[torch.from_numpy(inv[sel] - lo), torch.from_numpy(p // g), torch.from_numpy(p % g)]
+                    diff = qv[torch.from_numpy(u_idx[sel])] - y.reshape(len(sel), -1).double()
+                    exact[u_idx[sel], k_idx[sel]] = diff.square().sum(-1).numpy()
+            out[(d, sc)] = (exact, np.where(keep, img, -1))
+        return out
+
+    @staticmethod
+    def _retrieved_outside(cand: np.ndarray, known: dict, s: float, sigma2: float) -> dict:
         """Per (draw, scale): (L,) log of the softmax mass of the retrieved patches of non-candidates.
 
         A known lower bound of the non-candidates' share of the normaliser at each query position
         (-inf where nothing outside the candidates was retrieved); the uniform sample can miss a
-        near-copy outside the M, the retrieval does not. Only from indexes whose distances are
-        exact: PCA or quantised codes misjudge them (PCA underestimates), so there it is -inf.
+        near-copy outside the M, the retrieval does not. ``known`` holds exact distances only.
         """
         out = {}
-        for key, (dist, image, _) in hits.items():
-            if not self._distances_exact(key[1]):
-                out[key] = torch.full((dist.shape[1],), -math.inf, dtype=torch.float64)
-                continue
-            img = image[q]
-            logits = torch.from_numpy(-dist[q].astype(np.float64) * (s * s) / (2 * sigma2))
+        for key, (dist, img) in known.items():
+            logits = torch.from_numpy(-np.asarray(dist, dtype=np.float64) * (s * s) / (2 * sigma2))
             outside = torch.from_numpy((img >= 0) & ~np.isin(img, cand))
             out[key] = torch.logsumexp(logits.masked_fill(~outside, -math.inf), -1)
         return out
@@ -428,18 +457,17 @@ class Attributor:
         keep = scores.numpy() > 0
         return cand[keep], scores.numpy()[keep], maps, outside, log_zs
 
-    def _add_tail(self, q, ids, vals, cand, hits, log_zs, s, sigma2, weights, draws):
+    def _add_tail(self, ids, vals, cand, known, log_zs, s, sigma2, weights, draws):
         """Give non-candidates their retrieved patches' exact weights under the re-scoring normaliser.
 
         A lower bound of their exact score (only retrieved patches count; topk is not applied to
-        them), instead of the 0 of SPEC section 4's estimator. On by default when the index's
-        distances are exact (measured: at t = 100, M = 200 on 3,000 crops, subset-sum Spearman
-        0.982 -> 0.997 and relative L1 0.18 -> 0.04; BENCHMARKS.md).
+        them), instead of the 0 of SPEC section 4's estimator. On by default (measured: at t = 100,
+        M = 200 on 3,000 crops, subset-sum Spearman 0.982 -> 0.997 and relative L1 0.18 -> 0.04;
+        BENCHMARKS.md). ``known``: exact distances of retrieved patches (``_known_distances``).
         """
         extra = np.zeros(self.corpus.count)
-        for (d, sc), (dist, image, _) in hits.items():
-            img = image[q]
-            logits = -dist[q].astype(np.float64) * (s * s) / (2 * sigma2) - log_zs[(d, sc)].double().cpu().numpy()[:, None]
+        for (d, sc), (dist, img) in known.items():
+            logits = -np.asarray(dist, dtype=np.float64) * (s * s) / (2 * sigma2) - log_zs[(d, sc)].double().cpu().numpy()[:, None]
             ok = (img >= 0) & ~np.isin(img, cand)
             extra += weights[self.scales.index(sc)] / draws * np.bincount(img[ok], weights=np.exp(logits[ok]), minlength=self.corpus.count)
         tail_ids = np.nonzero(extra)[0]

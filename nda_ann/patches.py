@@ -69,6 +69,14 @@ def extract_patches(images: torch.Tensor, scale: Scale) -> torch.Tensor:
     f x f blocks with weight 1/f per pixel (block sum / f), an orthonormal projection.
     Positions are row-major over the grid; entries are ordered (channel, block row, block col).
     """
+    view = patch_view(images, scale)
+    b, g, _, c, m, _ = view.shape
+    return view.reshape(b, g * g, c * m * m)  # one copy
+
+
+def patch_view(images: torch.Tensor, scale: Scale) -> torch.Tensor:
+    """A strided view (B, G, G, C, m, m) of the padded (and, for f > 1, block-summed) images:
+    [b, i, j] is the patch vector at grid position (i, j), m = p / f. Indexing it gathers patches."""
     if images.ndim != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
     b, c, h, w = images.shape
@@ -81,9 +89,7 @@ def extract_patches(images: torch.Tensor, scale: Scale) -> torch.Tensor:
         padded = F.avg_pool2d(padded, kernel_size=f, stride=1) * f  # block sums / f, at every offset
     g, m = scale.grid(h), p // f
     sb, sc, sh, sw = padded.stride()
-    # a strided view (B, G, G, C, m, m) of the padded image; one copy makes it (B, G*G, C*m*m)
-    view = padded.as_strided((b, g, g, c, m, m), (sb, sh, sw, sc, f * sh, f * sw))
-    return view.reshape(b, g * g, c * m * m)
+    return padded.as_strided((b, g, g, c, m, m), (sb, sh, sw, sc, f * sh, f * sw))
 
 
 def candidate_grid(size: int, scale: Scale, stride: int) -> torch.Tensor:

@@ -113,40 +113,46 @@ def test_tail_option_scores_retrieved_non_candidates_and_leaves_candidates_alone
     np.testing.assert_array_equal(default, tail)
 
 
-class _Inexact:
-    """An exact searcher that says its distances are approximate (as PCA or quantised codes)."""
+class _Shifted:
+    """An exact searcher whose distances come back wrong by a constant (as PCA or quantised codes
+    misjudge them), and which says so. The shift leaves every softmax over the retrieved, and so
+    the candidates, unchanged; only the use of the distances themselves would differ."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, shift: float = 3.0):
+        self.inner, self.shift = inner, shift
 
     def search(self, *args, **kwargs):
-        return self.inner.search(*args, **kwargs)
+        dist, image, position = self.inner.search(*args, **kwargs)
+        return dist + self.shift, image, position
 
     def distances_exact(self, scale) -> bool:
         return False
 
 
-def test_retrieved_non_candidates_enter_the_normaliser_only_from_exact_distances(crops):
+def test_retrieved_non_candidates_bound_the_normaliser_with_exact_distances(crops):
     """Without an outside sample the normaliser holds the candidates plus the exactly known mass of
-    the retrieved non-candidates: so each candidate's score lies between its exact score (whose
-    normaliser holds everything) and the score with a candidates-only normaliser."""
+    the retrieved non-candidates, a part of the full one: each candidate's score is at least its
+    exact score. An index with approximate distances gets the same, its retrieved distances
+    re-measured from the pixels."""
     corpus, queries = crops
     search = TorchFlatSearch(corpus, [3])
-    kw = dict(k=64, candidates=6, outside_sample=0, precision="float64", tail=False)
-    with_retrieved = Attributor(search, corpus, [3]).attribute(queries, 300, **kw)
-    candidates_only = Attributor(_Inexact(search), corpus, [3]).attribute(queries, 300, **kw)
+    kw = dict(k=32, candidates=6, outside_sample=0, precision="float64")
     exact = exact_scores(corpus, queries, timesteps=300, scales=[3])[0]
+    honest = Attributor(search, corpus, [3]).attribute(queries, 300, tail=False, **kw)
+    shifted = Attributor(_Shifted(search), corpus, [3]).attribute(queries, 300, tail=False, **kw)
     for q in range(len(queries)):
-        ids, got = with_retrieved.sparse[(0, q)]
-        ids_c, upper = candidates_only.sparse[(0, q)]
-        np.testing.assert_array_equal(ids, ids_c)
-        assert (got <= upper * (1 + 1e-12)).all() and (got >= exact[q, ids] * (1 - 1e-9)).all()
-        assert (got < upper).any()
-    assert (with_retrieved.outside_mass > 0).all() and (candidates_only.outside_mass == 0).all()
+        ids, got = honest.sparse[(0, q)]
+        assert len(ids) == 6 and (got >= exact[q, ids] * (1 - 1e-9)).all()
+    assert (honest.outside_mass > 0).all()
+    np.testing.assert_allclose(shifted.scores, honest.scores, rtol=1e-5)
+    np.testing.assert_allclose(shifted.outside_mass, honest.outside_mass, rtol=1e-5)
 
 
-def test_tail_needs_exact_distances(crops):
+def test_tail_from_an_index_with_approximate_distances_re_measures_them(crops):
     corpus, queries = crops
-    att = Attributor(_Inexact(TorchFlatSearch(corpus, [3])), corpus, [3])
-    with pytest.raises(ValueError, match="tail"):
-        att.attribute(queries, 300, tail=True, candidates=5)
+    search = TorchFlatSearch(corpus, [3, "2:2"])
+    kw = dict(k=32, candidates=5, outside_sample=8, tail=True, precision="float64")
+    honest = Attributor(search, corpus, [3, "2:2"]).attribute(queries, [100, 300], **kw).scores
+    shifted = Attributor(_Shifted(search), corpus, [3, "2:2"]).attribute(queries, [100, 300], **kw).scores
+    assert (np.count_nonzero(honest, axis=-1) > 5).all()
+    np.testing.assert_allclose(shifted, honest, rtol=1e-5, atol=1e-12)

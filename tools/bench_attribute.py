@@ -37,15 +37,16 @@ def corpus(n: int, queries: int, work: Path):
     return store, uint8_to_float(dc.queries)
 
 
-def index_for(store, scales, work: Path, factory: str, stride: int):
+def index_for(store, scales, work: Path, factory: str, stride: int, classes: str = "all"):
     from nda_ann import PatchIndex, build_index
 
     name = f"index-{len(store)}-{'_'.join(s.replace(':', 'f') for s in scales)}-{factory.replace(',', '_').replace('{', '').replace('}', '')}-s{stride}"
+    name += "" if classes == "all" else f"-{classes}"
     path = work / name
     t0 = time.perf_counter()
     if (path / "manifest.json").exists():
         return PatchIndex.open(path), None
-    index = build_index(store, path, scales, factory=factory, candidate_stride=stride, progress=False)
+    index = build_index(store, path, scales, factory=factory, candidate_stride=stride, classes=classes, progress=False)
     return index, time.perf_counter() - t0
 
 
@@ -87,7 +88,7 @@ def fidelity(args) -> None:
     rows = []
     for cfg_name in args.configs:
         cfg = CONFIGS[cfg_name]
-        index, build_s = index_for(store, cfg["scales"], work, args.factory, args.stride)
+        index, build_s = index_for(store, cfg["scales"], work, args.factory, args.stride, args.classes)
         att = Attributor(index, CorpusView(Store.open(store.path)), index.scales)
         exact = exact_cached(store, queries, cfg_name, args.timesteps, work)
         for ti, t in enumerate(args.timesteps):
@@ -154,13 +155,13 @@ def speed(args) -> None:
     rows = []
     for n in args.sizes:
         store, queries = corpus(n, max(args.batch), work)
-        index, build_s = index_for(store, ["7"], work, args.factory, args.stride)
-        att = Attributor(index, CorpusView(Store.open(store.path)), index.scales)
-        att.attribute(queries[:1], 100, topk=100, maps=0)  # warm-up: thumbnails, page cache
+        index, build_s = index_for(store, ["7"], work, args.factory, args.stride, args.classes)
+        att = Attributor(index, CorpusView(Store.open(store.path)), index.scales, thumbs=index.thumbnails())
+        att.attribute(queries[:1], 100, topk=100, maps=0, **({"candidates": args.candidates} if args.candidates else {}))  # warm-up: page cache
         row = {"n": n, "build_s": build_s}
         for b in args.batch:
             t0 = time.perf_counter()
-            att.attribute(queries[:b], 100, topk=100, maps=0)
+            att.attribute(queries[:b], 100, topk=100, maps=0, **({"candidates": args.candidates} if args.candidates else {}))
             row[f"index_s_per_query_b{b}"] = (time.perf_counter() - t0) / b
         t0 = time.perf_counter()
         exact_scores(store, queries[: args.exact_queries], timesteps=100, scales=["7"], topk=100, precision="float32")
@@ -176,7 +177,7 @@ def speed(args) -> None:
     b1, bmax = f"index_s_per_query_b{args.batch[0]}", f"index_s_per_query_b{args.batch[-1]}"
     lines = ["## Index path vs exact: time against N (tools/bench_attribute.py speed)", "",
              f"`python tools/bench_attribute.py speed --sizes {' '.join(map(str, args.sizes))}` on {machine()}.",
-             f"p = 7, t = 100, topk 100, default K = 1024 and M = {DEFAULT_CANDIDATES}, index factory `{args.factory}`; one run, so the ratios are the figures to read.", "",
+             f"p = 7, t = 100, topk 100, K = 1024, M = {args.candidates or DEFAULT_CANDIDATES}, index factory `{args.factory}`, candidate stride {args.stride}, classes {args.classes}; one run, so the ratios are the figures to read.", "",
              f"| N | index s/query (batch {args.batch[0]}) | queries/s (batch {args.batch[0]}) | index s/query (batch {args.batch[-1]}) | queries/s (batch {args.batch[-1]}) | exact s/query | exact / index |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -189,6 +190,7 @@ def main() -> None:
     ap.add_argument("--work", default="results/bench", help="cache folder for stores, indexes and exact scores")
     ap.add_argument("--factory", default="auto")
     ap.add_argument("--stride", type=int, default=1)
+    ap.add_argument("--classes", choices=["all", "interior"], default="all")
     ap.add_argument("--no-write", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fidelity")
@@ -206,6 +208,7 @@ def main() -> None:
     s.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     s.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     s.add_argument("--exact-queries", type=int, default=1)
+    s.add_argument("--candidates", type=int, default=None, help="M (default: the library default)")
     args = ap.parse_args()
     fidelity(args) if args.cmd == "fidelity" else speed(args)
 
