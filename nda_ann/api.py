@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .atomic import write_json_atomic
-from .attribution import DEFAULT_CANDIDATES, Attribution, Attributor
+from .attribution import Attribution, Attributor
 from .exact import exact_attribution
 from .fidelity import fidelity_table
 from .inputs import CorpusView
@@ -17,7 +17,7 @@ from .report import write_report
 from .store import Store
 
 
-def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int = DEFAULT_CANDIDATES, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None) -> str:
+def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None) -> str:
     """Attribute ``queries`` against an index (or, with ``exact``, a store); write ``out``; return the table text."""
     started = time.perf_counter()
     if exact:

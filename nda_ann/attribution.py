@@ -42,9 +42,18 @@ Mode = Literal["rescore", "fast"]
 TAIL_K = 32
 TAIL_IMAGES = 4096  # images loaded at once for that
 
-# M: measured on the 3,000-crop demo corpus at t = 100 (BENCHMARKS.md), M = 500 reaches top-10
-# overlap 0.98 and subset-sum Spearman 0.998; M = 200 only 0.93 and 0.975.
-DEFAULT_CANDIDATES = 500
+# Default M by noise level, from the measured curves (BENCHMARKS.md "tail_3000", "tail_5000"), tail
+# scores on: at t = 100 (sigma^2 = 0.10) M = 200 gives top-10 overlap 0.95 / 0.97 and subset-sum
+# Spearman 0.997 / 0.997 on 3,000 / 5,000 crops (M = 500: 0.97 / 0.999); at t = 300 (sigma^2 = 0.61)
+# M = 200 gives only 0.82 / 0.87 on 3,000 crops and M = 500 0.90 / 0.93.
+DEFAULT_CANDIDATES = 200            # sigma^2 < BROAD_SIGMA2
+DEFAULT_CANDIDATES_BROAD = 500      # sigma^2 >= BROAD_SIGMA2
+BROAD_SIGMA2 = 0.3
+
+
+def default_candidates(sigma2: float) -> int:
+    """The default M at noise variance sigma^2 (more candidates where the posterior is broad)."""
+    return DEFAULT_CANDIDATES if sigma2 < BROAD_SIGMA2 else DEFAULT_CANDIDATES_BROAD
 
 
 @dataclass
@@ -53,7 +62,7 @@ class AttributionSettings:
 
     timesteps: list[int]
     k: int = 1024
-    candidates: int = DEFAULT_CANDIDATES
+    candidates: int | None = None  # None: default_candidates(sigma^2) per timestep
     nprobe: int | None = None
     topk: int | None = None
     alpha: float | None = None
@@ -71,7 +80,7 @@ class AttributionSettings:
         """Share of the M candidates taken from the thumbnail search at t (default: by noise level)."""
         if self.thumbnail_share is not None:
             return self.thumbnail_share
-        return 0.5 if sched.signal_and_noise(t)[1] >= 0.3 else 0.0
+        return 0.5 if sched.signal_and_noise(t)[1] >= BROAD_SIGMA2 else 0.0
 
 
 @dataclass
@@ -226,7 +235,7 @@ class Attributor:
         timesteps: int | Sequence[int] = 100,
         *,
         k: int = 1024,
-        candidates: int = DEFAULT_CANDIDATES,
+        candidates: int | None = None,
         nprobe: int | None = None,
         topk: int | None = None,
         alpha: float | None = None,
@@ -256,7 +265,7 @@ class Attributor:
         ts = [sched.check_timestep(t) for t in ([timesteps] if isinstance(timesteps, int) else list(timesteps))]
         if mode not in ("rescore", "fast"):
             raise ValueError(f"mode must be 'rescore' or 'fast', got {mode!r}")
-        for name, value in (("k", k), ("candidates", candidates), ("noise_draws", noise_draws)):
+        for name, value in (("k", k), ("candidates", 1 if candidates is None else candidates), ("noise_draws", noise_draws)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         tail = (True if tail is None else bool(tail)) and mode == "rescore"
@@ -266,7 +275,8 @@ class Attributor:
         settings = AttributionSettings(ts, k, candidates, nprobe, topk, alpha, seed, noise_draws, schedule, mode, thumbnail_share, outside_sample, precision, maps, tail)
         dtype = resolve_dtype(precision)
         n, nq = self.corpus.count, queries.shape[0]
-        result = Attribution(n, ts, qnames, self.sources, {**asdict(settings), "index_id": self.index_id}, describe_device(self.device), scale_names=[str(s) for s in self.scales])
+        m_per_t = [candidates if candidates is not None else default_candidates(sched.signal_and_noise(t)[1]) for t in ts]
+        result = Attribution(n, ts, qnames, self.sources, {**asdict(settings), "candidates_per_timestep": m_per_t, "index_id": self.index_id}, describe_device(self.device), scale_names=[str(s) for s in self.scales])
         result.outside_mass = np.zeros((len(ts), nq, len(self.scales)))
         bar = tqdm(total=len(ts) * nq, unit="query", desc="attribute", disable=not progress)
         for ti, t in enumerate(ts):
@@ -282,7 +292,7 @@ class Attributor:
                     ids, vals = self._fast_scores(q, hits, s, sigma2, weights, noise_draws, topk)
                 else:
                     mass = self._candidate_mass(q, hits, s, sigma2, weights, noise_draws)
-                    cand = self._select_candidates(mass, noisy, q, s, min(candidates, n), settings.thumbnail_share_at(t, sched))
+                    cand = self._select_candidates(mass, noisy, q, s, min(m_per_t[ti], n), settings.thumbnail_share_at(t, sched))
                     sample = self._outside_sample(order, cand, outside_sample)
                     known = self._known_distances(q, cand, hits, noisy, s)
                     retrieved_out = self._retrieved_outside(cand, known, s, sigma2)

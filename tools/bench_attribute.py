@@ -84,6 +84,10 @@ def fidelity(args) -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.from_json:  # only (re)write the section and plot from an earlier run's rows
+        rows = json.loads((work / (args.out or f"fidelity-{args.n}.json")).read_text())
+        write_fidelity(rows, args, None)
+        return
     store, queries = corpus(args.n, args.queries, work)
     rows = []
     for cfg_name in args.configs:
@@ -113,15 +117,17 @@ def fidelity(args) -> None:
 def write_fidelity(rows, args, store) -> None:
     from bench_md import machine, update_section
 
-    lines = [f"## Index-path fidelity, N = {len(store):,} (tools/bench_attribute.py fidelity)", "",
-             f"`python tools/bench_attribute.py fidelity --n {args.n} --queries {args.queries}` on {machine()}.",
+    name = args.section or f"bench_attribute_fidelity_{args.n}"
+    lines = [f"## Index-path fidelity, N = {args.n:,}{' (' + args.title + ')' if args.title else ''} (tools/bench_attribute.py fidelity)", "",
+             f"`python tools/bench_attribute.py fidelity --n {args.n} --queries {args.queries}{' ' + args.title_args if args.title_args else ''}` on {machine()}.",
              f"{args.queries} held-out queries; exact = the exact scorer (float32) on the same noise; index factory `{args.factory}`, candidate stride {args.stride}.",
              "Columns: top-10 overlap, Spearman over all N, subset-sum Spearman (64 random 50% subsets), relative L1, estimated mass outside the candidates, seconds per query (one timestep, all scales).", "",
              "| config | t | mode | K | M | nprobe | top-10 | Spearman | subset-sum | rel. L1 | outside | s/query |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['t']} | {r['mode']} | {r['k']} | {r['m'] if r['mode'].startswith('rescore') else '-'} | {r['nprobe']} | {r['top10_overlap']:.2f} | {r['spearman']:.3f} | {r['subset_sum_spearman']:.3f} | {r['relative_l1']:.3f} | {r['outside']:.3f} | {r['s_per_query']:.2f} |")
-    update_section(f"bench_attribute_fidelity_{args.n}", "\n".join(lines))
-    plot_fidelity(rows, Path(__file__).resolve().parent.parent / "docs" / f"fidelity-{args.n}.png")
+    update_section(name, "\n".join(lines))
+    if not args.section:
+        plot_fidelity(rows, Path(__file__).resolve().parent.parent / "docs" / f"fidelity-{args.n}.png")
 
 
 def plot_fidelity(rows, path: Path) -> None:
@@ -204,6 +210,10 @@ def main() -> None:
     f.add_argument("--tail", action="store_true", help="also rows with tail=True (needs exact index distances)")
     f.add_argument("--no-fast", action="store_true", help="skip the fast-mode rows")
     f.add_argument("--out", default=None, help="results JSON name under --work (default fidelity-N.json)")
+    f.add_argument("--from-json", action="store_true", help="write the section from --out's rows; run nothing")
+    f.add_argument("--section", default=None, help="BENCHMARKS.md section name (default bench_attribute_fidelity_N; no plot when given)")
+    f.add_argument("--title", default="", help="words added to the section title")
+    f.add_argument("--title-args", default="", help="the extra arguments of the run, shown in the section")
     s = sub.add_parser("speed")
     s.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     s.add_argument("--batch", type=int, nargs="+", default=[1, 64])

@@ -33,10 +33,10 @@ def _common(f):
         click.option("--schedule", type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]), default="linear", show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i]."),
         click.option("--k", type=click.IntRange(min=1), default=1024, show_default=True, help="Patches retrieved per query patch."),
-        click.option("--candidates", "-m", type=click.IntRange(min=1), default=500, show_default=True, help="Candidate images re-scored exactly (M)."),
+        click.option("--candidates", "-m", type=click.IntRange(min=1), default=None, help="Candidate images re-scored exactly (M; default 200 at low noise, sigma^2 < 0.3 such as t = 100, else 500)."),
         click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed (default: the index's)."),
         click.option("--mode", type=click.Choice(["rescore", "fast"]), default="rescore", show_default=True, help="fast: truncated softmax over the K retrieved patches only."),
-        click.option("--tail/--no-tail", default=None, help="Score non-candidates by their retrieved patches (default: on when the index's distances are exact, i.e. Flat or IVF-Flat codes)."),
+        click.option("--tail/--no-tail", default=None, help="Score non-candidates by the weights of their retrieved patches (default on; --no-tail scores them 0 as SPEC section 4)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
