@@ -27,6 +27,11 @@ class TorchFlatSearch:
         self.chunk_images = chunk_images
         self.count = self.corpus.count
 
+    @property
+    def coarse_grid(self) -> bool:
+        """Whether only a stride grid of positions is searched."""
+        return self.stride > 1
+
     def distances_exact(self, scale) -> bool:
         """Exhaustive float search: the returned distances are the true ones (up to float rounding)."""
         return True

@@ -156,3 +156,37 @@ def test_tail_from_an_index_with_approximate_distances_re_measures_them(crops):
     shifted = Attributor(_Shifted(search), corpus, [3, "2:2"]).attribute(queries, [100, 300], **kw).scores
     assert (np.count_nonzero(honest, axis=-1) > 5).all()
     np.testing.assert_allclose(shifted, honest, rtol=1e-5, atol=1e-12)
+
+
+def test_rerank_by_exact_mass_on_a_query_subset_recovers_the_best_candidates(crops):
+    """A stride-3 searcher ranks images by retrieved mass less well; re-ranking a pool of 4 M by
+    exact mass at a subset of query positions must find candidates at least as good, and with
+    the pool being every image it must pick the M images of largest proxy exactly."""
+    corpus, queries = crops
+    coarse = TorchFlatSearch(corpus, [3], stride=3)
+    assert coarse.coarse_grid and not TorchFlatSearch(corpus, [3]).coarse_grid
+    att = Attributor(coarse, corpus, [3])
+    kw = dict(k=16, candidates=4, outside_sample=0, tail=False, precision="float64")
+    exact = exact_scores(corpus, queries, timesteps=100, scales=[3])[0]
+    plain = att.attribute(queries, 100, rerank=1, **kw)
+    reranked = att.attribute(queries, 100, **kw)  # default for a coarse grid: rerank 4
+    assert reranked.settings["rerank"] == 4 and plain.settings["rerank"] == 1
+    for q in range(len(queries)):
+        got = lambda r: set(r.sparse[(0, q)][0].tolist())
+        best = set(np.argsort(-exact[q])[:4].tolist())
+        assert len(got(reranked) & best) >= len(got(plain) & best)
+    # the proxy against an independent computation: softmax over the pool of per-position logsumexps
+    pool = np.arange(len(corpus))
+    s, sigma2 = 0.946101, 1 - 0.895141
+    noisy = [queries[:1] * s + sigma2 ** 0.5 * torch.randn_like(queries[:1])]
+    proxy = att._proxy_scores(0, pool, noisy, s, sigma2, [1.0], 1, torch.float64)
+    qp = extract_patches(noisy[0].double(), Scale(3))[0]
+    cp = extract_patches(corpus.double() * s, Scale(3))
+    want = np.zeros(len(pool))
+    for qpos, cpos in att._proxy_groups(Scale(3)):
+        for u in qpos.tolist():
+            d = ((cp[:, cpos] - qp[u]) ** 2).sum(-1)  # (N, |cpos|)
+            lse = torch.logsumexp(-d / (2 * sigma2), -1)
+            want += torch.softmax(lse, 0).numpy()
+    np.testing.assert_allclose(proxy, want, rtol=1e-9)
+    assert sum(len(qpos) for qpos, _ in att._proxy_groups(Scale(3))) < 12 * 12

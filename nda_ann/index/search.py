@@ -138,6 +138,11 @@ class PatchIndex:
             self._loaded[key] = index
         return self._loaded[key]
 
+    @property
+    def coarse_grid(self) -> bool:
+        """Whether some scale indexes only part of the positions (candidate stride > 1 or interior only)."""
+        return any(e["candidate_stride"] > 1 or e.get("index_classes", "all") != "all" for e in self.manifest["scales"])
+
     def distances_exact(self, scale: ScaleLike) -> bool:
         """Whether ``search`` returns true squared distances at ``scale`` (Flat or IVF-Flat codes, no
         PCA/OPQ): only then may retrieved distances enter a softmax normaliser as they are."""
