@@ -169,8 +169,8 @@ def test_rerank_by_exact_mass_on_a_query_subset_recovers_the_best_candidates(cro
     kw = dict(k=16, candidates=4, outside_sample=0, tail=False, precision="float64")
     exact = exact_scores(corpus, queries, timesteps=100, scales=[3])[0]
     plain = att.attribute(queries, 100, rerank=1, **kw)
-    reranked = att.attribute(queries, 100, **kw)  # default for a coarse grid: rerank 4
-    assert reranked.settings["rerank"] == 4 and plain.settings["rerank"] == 1
+    reranked = att.attribute(queries, 100, rerank=4, **kw)
+    assert reranked.settings["rerank"] == 4 and att.attribute(queries[:1], 100, **kw).settings["rerank"] == 1
     for q in range(len(queries)):
         got = lambda r: set(r.sparse[(0, q)][0].tolist())
         best = set(np.argsort(-exact[q])[:4].tolist())
@@ -183,10 +183,12 @@ def test_rerank_by_exact_mass_on_a_query_subset_recovers_the_best_candidates(cro
     qp = extract_patches(noisy[0].double(), Scale(3))[0]
     cp = extract_patches(corpus.double() * s, Scale(3))
     want = np.zeros(len(pool))
-    for qpos, cpos in att._proxy_groups(Scale(3)):
+    groups = att._proxy_groups(Scale(3))
+    for qpos, cpos, weight in groups:
         for u in qpos.tolist():
             d = ((cp[:, cpos] - qp[u]) ** 2).sum(-1)  # (N, |cpos|)
             lse = torch.logsumexp(-d / (2 * sigma2), -1)
-            want += torch.softmax(lse, 0).numpy()
+            want += weight * torch.softmax(lse, 0).numpy()
     np.testing.assert_allclose(proxy, want, rtol=1e-9)
-    assert sum(len(qpos) for qpos, _ in att._proxy_groups(Scale(3))) < 12 * 12
+    assert sum(len(q) for q, _, _ in groups) < 12 * 12  # a subset of the query positions...
+    assert sum(len(q) * w for q, _, w in groups) == pytest.approx(12 * 12)  # ...standing for all of them

@@ -36,7 +36,7 @@ def _common(f):
         click.option("--candidates", "-m", type=click.IntRange(min=1), default=None, help="Candidate images re-scored exactly (M; default 200 at low noise, sigma^2 < 0.3 such as t = 100, else 500)."),
         click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed (default: the index's)."),
         click.option("--mode", type=click.Choice(["rescore", "fast"]), default="rescore", show_default=True, help="fast: truncated softmax over the K retrieved patches only."),
-        click.option("--rerank", type=click.IntRange(min=1), default=None, help="Re-rank a pool of RERANK x M images by exact mass at a subset of query positions (default 4 for a coarse-grid index, else 1 = off)."),
+        click.option("--rerank", type=click.IntRange(min=1), default=None, help="Re-rank a pool of RERANK x M images by exact mass at a subset of query positions (default 1 = off; measured in BENCHMARKS.md)."),
         click.option("--tail/--no-tail", default=None, help="Score non-candidates by the weights of their retrieved patches (default on; --no-tail scores them 0 as SPEC section 4)."),
     ]
     for opt in reversed(opts):
