@@ -27,7 +27,7 @@ from .dense import chunk_size, log_masses
 from .device import describe_device, resolve_device, resolve_dtype
 from .exact import positions_to_pixels, scale_weights
 from .inputs import CorpusView, check_compatible
-from .patches import extract_patches, layout_groups, patch_view
+from .patches import extract_patches, layout_groups
 from .scales import Scale
 from .schedule import NoiseSchedule, noise_images
 from .thumbnails import corpus_thumbnails, nearest_thumbnails, thumbnails
@@ -40,7 +40,6 @@ Mode = Literal["rescore", "fast"]
 # tail scores from an index with approximate distances: the TAIL_K nearest retrieved patches of
 # each query patch are re-measured exactly from the store's pixels
 TAIL_K = 32
-TAIL_IMAGES = 4096  # images loaded at once for that
 
 # Default M by noise level, from the measured curves (BENCHMARKS.md "tail_3000", "tail_5000"), tail
 # scores on: at t = 100 (sigma^2 = 0.10) M = 200 gives top-10 overlap 0.95 / 0.97 and subset-sum
@@ -440,15 +439,8 @@ class Attributor:
             u_idx, k_idx = np.nonzero(keep)
             if len(u_idx):
                 qv = extract_patches(noisy[d][q : q + 1], sc)[0].double() / s  # (L, D), unscaled like the index
-                uniq, inv = np.unique(img[u_idx, k_idx], return_inverse=True)
-                g = sc.grid(self.size)
-                for lo in range(0, len(uniq), TAIL_IMAGES):
-                    sel = np.nonzero((inv >= lo) & (inv < lo + TAIL_IMAGES))[0]
-                    view = patch_view(self.corpus.take(uniq[lo : lo + TAIL_IMAGES]), sc)  # (B, G, G, C, m, m)
-                    p = pos[u_idx[sel], k_idx[sel]]
-                    y = view[torch.from_numpy(inv[sel] - lo), torch.from_numpy(p // g), torch.from_numpy(p % g)]
-                    diff = qv[torch.from_numpy(u_idx[sel])] - y.reshape(len(sel), -1).double()
-                    exact[u_idx[sel], k_idx[sel]] = diff.square().sum(-1).numpy()
+                y = self.corpus.patch_vectors(img[u_idx, k_idx], pos[u_idx, k_idx], sc).double()  # (E, D)
+                exact[u_idx, k_idx] = (qv[torch.from_numpy(u_idx)] - y).square().sum(-1).numpy()
             out[(d, sc)] = (exact, np.where(keep, img, -1))
         return out
 

@@ -55,6 +55,38 @@ class CorpusView:
                 out[torch.as_tensor(sel)] = store.tensor(ids[sel] - self.offsets[k])
         return out
 
+    def patch_vectors(self, ids: np.ndarray, positions: np.ndarray, scale) -> torch.Tensor:
+        """(E, D) float32 patch vectors of images ``ids`` (E,) at flat grid ``positions`` (E,),
+        equal to ``extract_patches`` of those images at those positions; reads only their pixels
+        (from the uint8 store, out-of-image pixels zero)."""
+        ids, positions = np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+        c, size = self.shape[0], self.shape[1]
+        p, r, f = scale.patch, scale.pad, scale.factor
+        g = scale.grid(size)
+        offs = np.arange(p)
+        rows = (positions // g)[:, None] - r + offs[None]  # (E, p) image rows of the patch
+        cols = (positions % g)[:, None] - r + offs[None]
+        inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]  # (E, p, p)
+        rc, cc = np.clip(rows, 0, size - 1), np.clip(cols, 0, size - 1)
+        if self.tensor is not None:
+            t = self.tensor.to(torch.float32)
+            vals = t[torch.from_numpy(ids)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                     torch.from_numpy(rc)[:, None, :, None], torch.from_numpy(cc)[:, None, None, :]]  # (E, C, p, p)
+        else:
+            raw = np.empty((len(ids), p, p, c), dtype=np.uint8)
+            which = np.searchsorted(self.offsets, ids, side="right") - 1
+            for k, store in enumerate(self.stores):
+                sel = np.nonzero(which == k)[0]
+                if len(sel):
+                    local = ids[sel] - self.offsets[k]
+                    raw[sel] = store.images[local[:, None, None], rc[sel][:, :, None], cc[sel][:, None, :]]
+            vals = uint8_to_float(raw)  # (E, C, p, p)
+        vals = vals * torch.from_numpy(inside)[:, None]
+        if f > 1:
+            m = p // f
+            vals = vals.reshape(len(ids), c, m, f, m, f).sum((3, 5)) / f
+        return vals.reshape(len(ids), -1)
+
     def sources(self) -> list[str]:
         """Source name of every image (``tensor[i]`` for a tensor corpus)."""
         if self.tensor is not None:

@@ -192,3 +192,20 @@ def test_rerank_by_exact_mass_on_a_query_subset_recovers_the_best_candidates(cro
     np.testing.assert_allclose(proxy, want, rtol=1e-9)
     assert sum(len(q) for q, _, _ in groups) < 12 * 12  # a subset of the query positions...
     assert sum(len(q) * w for q, _, w in groups) == pytest.approx(12 * 12)  # ...standing for all of them
+
+
+@pytest.mark.parametrize("scale", ["5", "4:2", "3"])
+def test_patch_vectors_read_from_the_store_equal_extract_patches(crops, tmp_path, scale):
+    from nda_ann.inputs import CorpusView
+    from nda_ann.store import write_store
+
+    corpus, _ = crops
+    u8 = ((corpus.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    store_view = CorpusView(write_store(tmp_path / "s", u8))
+    sc = Scale.parse(scale)
+    full = extract_patches(store_view.take(np.arange(len(corpus))), sc)  # (N, L, D)
+    rng = np.random.default_rng(0)
+    ids, pos = rng.integers(0, len(corpus), 300), rng.integers(0, full.shape[1], 300)
+    for view in (store_view, CorpusView(store_view.take(np.arange(len(corpus))))):
+        got = view.patch_vectors(ids, pos, sc)
+        torch.testing.assert_close(got, full[torch.from_numpy(ids), torch.from_numpy(pos)], rtol=0, atol=1e-6)

@@ -290,8 +290,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--exact-max", type=int, default=100_000, help="largest corpus scored exactly")
     ap.add_argument("--variants", type=json.loads, default=[
-        {"candidates": 50}, {"candidates": 500}, {"k": 256}, {"nprobe": 64}, {"tail": False},
-        {"candidates": 500, "tail": False}])
+        {"candidates": 50}, {"candidates": 500}, {"k": 256}, {"nprobe": 64}, {"tail": False}, {"rerank": 4}])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     sizes = args.size or list(SIZES)
