@@ -9,7 +9,7 @@ For each query and timestep:
    mass of the non-candidates is estimated from a uniform random sample of them and enters the
    softmax normaliser (reported as ``outside_mass``) together with the known mass of their
    retrieved patches; images outside the M score the weights of their retrieved patches (``tail``,
-   the default when the index's distances are exact), or 0 (SPEC section 4's estimator).
+   the default), or 0 (``tail=False``: SPEC section 4's estimator).
 ``mode="fast"`` stops after step 1 and scores the truncated softmax over the K retrieved patches.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ BROAD_SIGMA2 = 0.3
 # re-ranking of a candidate pool (``rerank`` x M images, by retrieved mass) by their exact mass at a
 # subset of query positions: every border position, interior ones on a stride-RERANK_STRIDE grid
 # (about 14% of a full re-scoring per pooled image at p = 7, 32 x 32). Off by default: measured on
-# 5,000 crops with a stride-4 index at t = 100, M = 200 (BENCHMARKS.md, "Re-ranking"), x 4 moved
+# 5,000 crops with a stride-4 index at t = 100, M = 200 (BENCHMARKS.md, "rerank_5000"), x 4 moved
 # subset-sum Spearman 0.945 -> 0.960 but top-10 overlap 0.87 -> 0.85, for 55% more dense work.
 DEFAULT_RERANK = 1
 RERANK_STRIDE = 3
@@ -262,8 +262,10 @@ class Attributor:
         """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
 
         Returns an Attribution with scores (T, Q, N), heatmaps of the top ``maps`` images, and
-        the estimated mass outside the M candidates per query and scale. ``tail`` (default: on when
-        the index's distances are exact) scores non-candidates by their retrieved patches.
+        the estimated mass outside the M candidates per query and scale. ``tail`` (default on; None
+        means the default) scores non-candidates by their retrieved patches; ``candidates`` None
+        means ``default_candidates(sigma^2)`` per timestep; ``rerank`` > 1 re-ranks a pool of
+        rerank x M candidates (``_proxy_scores``).
         """
         from .queries import load_queries
 
