@@ -276,7 +276,12 @@ def test_thumbnails_are_stored_with_the_index_and_follow_an_add(stores, tmp_path
     np.testing.assert_array_equal(index.thumbnails(), corpus_thumbnails(CorpusView(stores["a"])))
     grown = add_to_index(tmp_path / "t", stores["b"], progress=False)
     np.testing.assert_array_equal(grown.thumbnails(), corpus_thumbnails(CorpusView(stores["ab"])))
-    assert not (tmp_path / "t" / first).exists()
-    (tmp_path / "t" / grown.manifest["thumbnails"]["file"]).write_bytes(b"x")  # truncated: refused on open
+    assert (tmp_path / "t" / first).exists()  # the previous manifest's file stays for readers of it
+    third = write_store(tmp_path / "c", images(4, 6))
+    again = add_to_index(tmp_path / "t", third, progress=False)
+    assert not (tmp_path / "t" / first).exists()  # two generations back: pruned
+    assert (tmp_path / "t" / grown.manifest["thumbnails"]["file"]).exists()
+    np.testing.assert_array_equal(again.thumbnails()[:40], grown.thumbnails())
+    (tmp_path / "t" / again.manifest["thumbnails"]["file"]).write_bytes(b"x")  # truncated: refused on open
     with pytest.raises(IndexError_, match="thumbnails"):
         PatchIndex.open(tmp_path / "t")

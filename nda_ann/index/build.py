@@ -29,7 +29,7 @@ from .phases import RATES, human_bytes, human_seconds, log, phase
 from .plan import approximations, batch_images, kind_factories, plan_scale, shard_ranges, specs_of
 from .search import PatchIndex
 from .shard import build_shard, read_done_shard
-from .thumbs import append_thumbs, build_thumbs
+from .thumbs import append_thumbs, build_thumbs, prune_thumbs
 from .train import kmeans_seconds, train_templates
 
 PLAN_FILE = "plan.json"
@@ -270,8 +270,9 @@ def add_to_index(index_path: str | Path, store: Store | str | Path, gpu: str = "
                                     "device": device_name(use_gpu)})
         write_json_atomic(final / MANIFEST_FILE, manifest)
         shutil.rmtree(staging, ignore_errors=True)
-        if old_thumbs and old_thumbs["file"] != manifest["thumbnails"]["file"]:
-            (final / old_thumbs["file"]).unlink(missing_ok=True)
+        # the previous manifest's thumbnails stay (a reader may have read that manifest and not yet
+        # opened its files); older generations go
+        prune_thumbs(final, keep={manifest["thumbnails"]["file"], *([old_thumbs["file"]] if old_thumbs else [])})
     log.info("added %d images to %s in %.1f s", len(store), final, time.time() - t0)
     return PatchIndex.open(final)
 

@@ -80,6 +80,8 @@ class PatchIndex:
             except (IndexError_, OSError):
                 if identity is not None and identity.replaced():
                     continue
+                if _manifest_changed(path, locals().get("manifest")):  # an add published meanwhile
+                    continue
                 raise
             if identity is not None and not identity.replaced():
                 return cls(path, manifest, mmap, identity)
@@ -225,3 +227,13 @@ class PatchIndex:
             d_all = np.pad(d_all, ((0, 0), (0, pad)), constant_values=np.inf)
             i_all = np.pad(i_all, ((0, 0), (0, pad)), constant_values=-1)
         return d_all, i_all
+
+
+def _manifest_changed(path: Path, seen: dict[str, Any] | None) -> bool:
+    """Whether the manifest now on disk differs from ``seen`` (None: never read)."""
+    if seen is None:
+        return False
+    try:
+        return read_manifest(path) != seen
+    except (IndexError_, OSError):
+        return False

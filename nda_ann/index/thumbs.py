@@ -45,6 +45,13 @@ def append_thumbs(folder: Path, entry: dict[str, Any] | None, old_stores: list, 
     return write_thumbs(folder, np.concatenate([old, corpus_thumbnails(CorpusView(new_store))]))
 
 
+def prune_thumbs(folder: Path, keep: set[str]) -> None:
+    """Delete thumbnails files of ``folder`` not named in ``keep``."""
+    for path in folder.glob("thumbnails-*.npy"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+
+
 def open_thumbs(folder: Path, entry: dict[str, Any] | None) -> np.ndarray | None:
     """(N, D) float16, memory-mapped; None when the index has no stored thumbnails."""
     return None if not entry else np.load(folder / entry["file"], mmap_mode="r")
