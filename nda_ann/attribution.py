@@ -82,6 +82,7 @@ class AttributionSettings:
     maps: int = 8
     tail: bool = True
     rerank: int = 1
+    outside_near: int = 0
 
     def thumbnail_share_at(self, t: int, sched: NoiseSchedule) -> float:
         """Share of the M candidates taken from the thumbnail search at t (default: by noise level)."""
@@ -256,6 +257,7 @@ class Attributor:
         maps: int = 8,
         tail: bool | None = None,
         rerank: int | None = None,
+        outside_near: int = 0,
         names: Sequence[str] | None = None,
         progress: bool = False,
     ) -> Attribution:
@@ -265,7 +267,8 @@ class Attributor:
         the estimated mass outside the M candidates per query and scale. ``tail`` (default on; None
         means the default) scores non-candidates by their retrieved patches; ``candidates`` None
         means ``default_candidates(sigma^2)`` per timestep; ``rerank`` > 1 re-ranks a pool of
-        rerank x M candidates (``_proxy_scores``).
+        rerank x M candidates (``_proxy_scores``); ``outside_near`` > 0 stratifies the outside
+        sample: half from the outside_near x M non-candidates of largest retrieved mass.
         """
         from .queries import load_queries
 
@@ -286,7 +289,7 @@ class Attributor:
         if topk is not None and (int(topk) != topk or topk < 1):
             raise ValueError(f"topk must be a positive integer, got {topk}")
         weights = scale_weights(self.scales, alpha)
-        settings = AttributionSettings(ts, k, candidates, nprobe, topk, alpha, seed, noise_draws, schedule, mode, thumbnail_share, outside_sample, precision, maps, tail, int(rerank))
+        settings = AttributionSettings(ts, k, candidates, nprobe, topk, alpha, seed, noise_draws, schedule, mode, thumbnail_share, outside_sample, precision, maps, tail, int(rerank), int(outside_near))
         dtype = resolve_dtype(precision)
         n, nq = self.corpus.count, queries.shape[0]
         m_per_t = [candidates if candidates is not None else default_candidates(sched.signal_and_noise(t)[1]) for t in ts]
@@ -301,6 +304,7 @@ class Attributor:
             # one fixed random order of the images per (seed, t): each query's outside sample is the
             # first non-candidates in it, so a query's result does not depend on its batch position
             order = np.random.default_rng([seed, t]).permutation(n) if mode == "rescore" and outside_sample else None
+            rank = None if order is None else np.argsort(order)
             for q in range(nq):
                 if mode == "fast":
                     ids, vals = self._fast_scores(q, hits, s, sigma2, weights, noise_draws, topk)
@@ -311,7 +315,7 @@ class Attributor:
                     if len(cand) > m_t:
                         proxy = self._proxy_scores(q, cand, noisy, s, sigma2, weights, noise_draws, dtype)
                         cand = np.sort(cand[np.argsort(-proxy, kind="stable")[:m_t]])
-                    sample = self._outside_sample(order, cand, outside_sample)
+                    sample = self._outside_sample(order, rank, cand, outside_sample, mass, int(outside_near) * len(cand))
                     known = self._known_distances(q, cand, hits, noisy, s)
                     retrieved_out = self._retrieved_outside(cand, known, s, sigma2)
                     ids, vals, maps_q, outside, log_zs = self._rescore(q, cand, sample, retrieved_out, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
@@ -463,23 +467,53 @@ class Attributor:
 
     # stage 2 -----------------------------------------------------------------------------
     @staticmethod
-    def _outside_sample(order: np.ndarray | None, cand: np.ndarray, size: int) -> np.ndarray:
-        """A uniform random sample of ``size`` non-candidate images: the first ones in ``order``."""
+    def _outside_sample(order: np.ndarray | None, rank: np.ndarray | None, cand: np.ndarray, size: int,
+                        mass: np.ndarray | None = None, near: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, stands_for): a sample of non-candidates and how many non-candidates each stands for.
+
+        Uniform (``near`` = 0): the first ``size`` non-candidates in ``order``. Stratified
+        (``near`` > 0): half from the ``near`` non-candidates of largest retrieved ``mass`` (where
+        the missing mass concentrates), half from the others, each the first in ``order`` within
+        its stratum; ``rank`` is the inverse of ``order``.
+        """
+        empty = np.empty(0, dtype=np.int64), np.empty(0)
         if order is None or size <= 0:
-            return np.empty(0, dtype=np.int64)
-        head = order[: size + len(cand)]
-        return head[~np.isin(head, cand)][:size]
+            return empty
+        pool = len(order) - len(cand)
+        strata: list[tuple[np.ndarray, int]] = []
+        excluded = cand
+        if near > 0 and mass is not None:
+            by_mass = np.argsort(-mass, kind="stable")
+            by_mass = by_mass[mass[by_mass] > 0]
+            a = by_mass[~np.isin(by_mass, cand)][:near]
+            if len(a):
+                k_a = min(len(a), max(1, size // 2))
+                strata.append((a[np.argsort(rank[a], kind="stable")[:k_a]], len(a)))
+                excluded = np.concatenate([cand, a])
+        k_b = size - sum(len(ids) for ids, _ in strata)
+        head = order[: k_b + len(excluded)]
+        b = head[~np.isin(head, excluded)][:k_b]
+        if len(b):
+            strata.append((b, len(order) - len(excluded)))
+        if not strata:
+            return empty
+        ids = np.concatenate([x for x, _ in strata])
+        stands = np.concatenate([np.full(len(x), total / len(x)) for x, total in strata])
+        assert abs(stands.sum() - pool) < 1e-6 * max(pool, 1) or len(b) < k_b
+        return ids, stands
 
     def _rescore(self, q, cand, sample, retrieved_out, noisy, s, sigma2, weights, draws, topk, dtype, n_maps):
         """Exact re-scoring of query q against every position of the candidate images.
 
         The non-candidates' share of the softmax normaliser at each query position is the larger of
-        two estimates: the exact mass of ``sample`` (uniformly drawn non-candidates) scaled by
-        (N - M) / len(sample), and ``retrieved_out``, the known mass of their retrieved patches.
+        two estimates: the exact mass of the sampled non-candidates, each weighted by how many it
+        stands for (``sample`` = (ids, stands_for)), and ``retrieved_out``, the known mass of their
+        retrieved patches.
         """
         n, m = self.corpus.count, len(cand)
         inv = 1.0 / (2.0 * sigma2)
-        outside_pool = n - m
+        sample, stands_for = sample
+        log_stands = torch.from_numpy(np.log(stands_for)).to(self.device, dtype)
         scores = torch.zeros(m, dtype=torch.float64)
         per_pos: dict[Scale, list[torch.Tensor]] = {}
         outside = np.zeros(len(self.scales))
@@ -500,8 +534,9 @@ class Attributor:
                     out_full = []
                     for lo in range(0, len(sample), step):
                         imgs = self.corpus.take(sample[lo : lo + step]).to(self.device, dtype) * s
-                        out_full.append(torch.logsumexp(log_masses(qp, extract_patches(imgs, sc), self.groups[sc], inv, None)[0], -1))
-                    sampled = torch.logsumexp(torch.stack(out_full), 0)[0] + math.log(outside_pool / len(sample))
+                        full = log_masses(qp, extract_patches(imgs, sc), self.groups[sc], inv, None)[0]  # (1, L, b)
+                        out_full.append(torch.logsumexp(full + log_stands[lo : lo + step], -1))
+                    sampled = torch.logsumexp(torch.stack(out_full), 0)[0]
                     log_z_out = torch.maximum(log_z_out, sampled)
                 log_z = torch.logaddexp(log_z_in, log_z_out)
                 log_zs[(d, sc)] = log_z
