@@ -304,7 +304,7 @@ class Attributor:
             # one fixed random order of the images per (seed, t): each query's outside sample is the
             # first non-candidates in it, so a query's result does not depend on its batch position
             order = np.random.default_rng([seed, t]).permutation(n) if mode == "rescore" and outside_sample else None
-            rank = None if order is None else np.argsort(order)
+            rank = np.argsort(order) if order is not None and outside_near else None  # only the stratified sample needs it
             for q in range(nq):
                 if mode == "fast":
                     ids, vals = self._fast_scores(q, hits, s, sigma2, weights, noise_draws, topk)
