@@ -284,3 +284,16 @@ def test_pca_codes_do_not_claim_exact_distances(corpus, tmp_path):
     _, store, _, _ = corpus
     index = build_index(store, tmp_path / "pca", ["5"], factory="PCA16,IVF4,SQ8", progress=False)
     assert not index.distances_exact("5")
+
+
+def test_large_k_on_a_flat_index_uses_the_torch_path_and_returns_the_bruteforce_neighbours(corpus, flat_index):
+    from nda_ann.index import search as search_mod
+
+    _, _, images, queries = corpus
+    s = Scale(5)
+    q = extract_patches(torch.from_numpy(to_float(queries)).float(), s).numpy()
+    k = search_mod.TORCH_FLAT_MIN_K + 6
+    got = flat_index.search(s, q, k=k)
+    assert flat_index._norms  # the torch path ran (interior class: 64 positions x 40 images > k)
+    want = naive_search(to_float(images), to_float(queries), 5, 1, k=k)
+    assert_same_neighbours(got, want)
