@@ -260,7 +260,7 @@ def add_to_index(index_path: str | Path, store: Store | str | Path, gpu: str = "
                 os.rename(staging / entry["dir"] / shard["dir"], target)
             entry["shards"] = entry["shards"] + shards
         old_thumbs = manifest.get("thumbnails")
-        manifest["thumbnails"] = append_thumbs(final, old_thumbs, [Store.open(p) for p in PatchIndex(final, manifest, True).store_paths()], store)
+        manifest["thumbnails"] = append_thumbs(final, old_thumbs, store, lambda: [Store.open(p) for p in PatchIndex(final, manifest, True).store_paths()])
         manifest["count"] = offset + len(store)
         manifest["stores"].append(store_entry(store.path, final, store.fingerprint, len(store), offset))
         manifest["updated"] = now()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,10 +38,10 @@ def build_thumbs(folder: Path, stores: list) -> dict[str, Any]:
     return write_thumbs(folder, corpus_thumbnails(CorpusView(stores)))
 
 
-def append_thumbs(folder: Path, entry: dict[str, Any] | None, old_stores: list, new_store) -> dict[str, Any]:
-    """A new thumbnails file: the existing rows (recomputed from ``old_stores`` when the index has
-    none yet) followed by those of ``new_store``."""
-    old = np.load(folder / entry["file"], mmap_mode="r") if entry else corpus_thumbnails(CorpusView(old_stores))
+def append_thumbs(folder: Path, entry: dict[str, Any] | None, new_store, old_stores: Callable[[], list]) -> dict[str, Any]:
+    """A new thumbnails file: the existing rows (recomputed from ``old_stores()`` only when the
+    index has none yet) followed by those of ``new_store``."""
+    old = np.load(folder / entry["file"], mmap_mode="r") if entry else corpus_thumbnails(CorpusView(old_stores()))
     return write_thumbs(folder, np.concatenate([old, corpus_thumbnails(CorpusView(new_store))]))
 
 
