@@ -17,7 +17,7 @@ from .report import write_report
 from .store import Store
 
 
-def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None, rerank: int | None = None) -> str:
+def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None, rerank: int | None = None, outside_sample: int | None = None) -> str:
     """Attribute ``queries`` against an index (or, with ``exact``, a store); write ``out``; return the table text."""
     started = time.perf_counter()
     if exact:
@@ -35,7 +35,7 @@ def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exac
             raise ValueError(f"the index holds scales {[str(s) for s in attributor.scales]}; --scale must match or be omitted")
         corpus = attributor.corpus
         q, names = load_queries(queries, corpus.shape)
-        result = attributor.attribute(q, list(timesteps), k=k, candidates=candidates, nprobe=nprobe, topk=topk, alpha=alpha, seed=seed, noise_draws=noise_draws, schedule=schedule, mode=mode, precision=precision or "float32", maps=maps, names=names, progress=True, tail=tail, rerank=rerank)
+        result = attributor.attribute(q, list(timesteps), k=k, candidates=candidates, nprobe=nprobe, topk=topk, alpha=alpha, seed=seed, noise_draws=noise_draws, schedule=schedule, mode=mode, precision=precision or "float32", maps=maps, names=names, progress=True, tail=tail, rerank=rerank, outside_sample=outside_sample)
         result.settings.update({"method": f"index/{mode}", "index": str(source)})
     summary = {"source": str(source), "seconds": round(time.perf_counter() - started, 3)}
     return write_report(Path(out), result, q, corpus, summary, top=top)

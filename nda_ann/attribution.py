@@ -6,10 +6,10 @@ For each query and timestep:
 2. rank training images by the softmax mass (over the K) their retrieved patches receive, fused
    over scales and noise draws, and add the nearest images by thumbnail;
 3. re-score the top M candidate images exactly at every position from the store's pixels; the
-   mass of the non-candidates is estimated from a uniform random sample of them and enters the
-   softmax normaliser (reported as ``outside_mass``) together with the known mass of their
-   retrieved patches; images outside the M score the weights of their retrieved patches (``tail``,
-   the default), or 0 (``tail=False``: SPEC section 4's estimator).
+   mass of the non-candidates enters the softmax normaliser (reported as ``outside_mass``): the
+   exact mass of their retrieved patches plus an unbiased estimate of the rest from a uniform
+   sample of their other patches (outside.py); images outside the M score the weights of their
+   retrieved patches (``tail``, the default), or 0 (``tail=False``: SPEC section 4's estimator).
 ``mode="fast"`` stops after step 1 and scores the truncated softmax over the K retrieved patches.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .dense import chunk_size, log_masses
 from .device import describe_device, resolve_device, resolve_dtype
 from .exact import positions_to_pixels, scale_weights
 from .inputs import CorpusView, check_compatible
+from .outside import estimate_outside
 from .patches import extract_patches, layout_groups
 from .scales import Scale
 from .schedule import NoiseSchedule, noise_images
@@ -41,12 +42,13 @@ Mode = Literal["rescore", "fast"]
 # each query patch are re-measured exactly from the store's pixels
 TAIL_K = 32
 
-# Default M by noise level, from the measured curves (BENCHMARKS.md "tail_3000", "tail_5000"), tail
-# scores on: at t = 100 (sigma^2 = 0.10) M = 200 gives top-10 overlap 0.95 / 0.97 and subset-sum
-# Spearman 0.997 / 0.997 on 3,000 / 5,000 crops (M = 500: 0.97 / 0.999); at t = 300 (sigma^2 = 0.61)
-# M = 200 gives only 0.82 / 0.87 on 3,000 crops and M = 500 0.90 / 0.93.
+# Default M by noise level, from the measured curves (BENCHMARKS.md "tail_3000", "tail_5000",
+# "outside_5000"), tail scores on: at t = 100 (sigma^2 = 0.10) M = 200 gives top-10 overlap 0.95 /
+# 0.97 and subset-sum Spearman 0.997 / 0.997 on 3,000 / 5,000 crops; at t = 300 (sigma^2 = 0.61)
+# on 5,000 crops M = 500 gives 0.98 / 0.88 (the 58% of the mass outside the M caps subset-sum
+# even with exact candidates and normaliser) and M = 1,000 0.97 / 0.92.
 DEFAULT_CANDIDATES = 200            # sigma^2 < BROAD_SIGMA2
-DEFAULT_CANDIDATES_BROAD = 500      # sigma^2 >= BROAD_SIGMA2
+DEFAULT_CANDIDATES_BROAD = 1000     # sigma^2 >= BROAD_SIGMA2
 BROAD_SIGMA2 = 0.3
 # re-ranking of a candidate pool (``rerank`` x M images, by retrieved mass) by their exact mass at a
 # subset of query positions: every border position, interior ones on a stride-RERANK_STRIDE grid
@@ -54,6 +56,10 @@ BROAD_SIGMA2 = 0.3
 # 5,000 crops with a stride-4 index at t = 100, M = 200 (BENCHMARKS.md, "rerank_5000"), x 4 moved
 # subset-sum Spearman 0.945 -> 0.960 but top-10 overlap 0.87 -> 0.85, for 55% more dense work.
 DEFAULT_RERANK = 1
+# non-candidate (image, position) pairs sampled per layout class, scale and noise draw to estimate
+# the non-candidates' share of the normaliser (outside.py); about the dense work of 6 images at
+# p = 7, 32 x 32
+DEFAULT_OUTSIDE_SAMPLE = 4096
 RERANK_STRIDE = 3
 
 
@@ -77,12 +83,11 @@ class AttributionSettings:
     schedule: str = "linear"
     mode: str = "rescore"
     thumbnail_share: float | None = None
-    outside_sample: int = 32
+    outside_sample: int = DEFAULT_OUTSIDE_SAMPLE
     precision: str = "float32"
     maps: int = 8
     tail: bool = True
     rerank: int = 1
-    outside_near: int = 0
 
     def thumbnail_share_at(self, t: int, sched: NoiseSchedule) -> float:
         """Share of the M candidates taken from the thumbnail search at t (default: by noise level)."""
@@ -252,12 +257,11 @@ class Attributor:
         schedule: str = "linear",
         mode: Mode = "rescore",
         thumbnail_share: float | None = None,
-        outside_sample: int = 32,
+        outside_sample: int | None = None,
         precision: str = "float32",
         maps: int = 8,
         tail: bool | None = None,
         rerank: int | None = None,
-        outside_near: int = 0,
         names: Sequence[str] | None = None,
         progress: bool = False,
     ) -> Attribution:
@@ -267,8 +271,8 @@ class Attributor:
         the estimated mass outside the M candidates per query and scale. ``tail`` (default on; None
         means the default) scores non-candidates by their retrieved patches; ``candidates`` None
         means ``default_candidates(sigma^2)`` per timestep; ``rerank`` > 1 re-ranks a pool of
-        rerank x M candidates (``_proxy_scores``); ``outside_near`` > 0 stratifies the outside
-        sample: half from the outside_near x M non-candidates of largest retrieved mass.
+        rerank x M candidates (``_proxy_scores``); ``outside_sample`` (None: 4,096) non-candidate
+        patches per layout class and scale estimate the non-candidates' share of the normaliser.
         """
         from .queries import load_queries
 
@@ -284,12 +288,15 @@ class Attributor:
         tail = (True if tail is None else bool(tail)) and mode == "rescore"
         if rerank is None:
             rerank = DEFAULT_RERANK
+        outside_sample = DEFAULT_OUTSIDE_SAMPLE if outside_sample is None else outside_sample
+        if int(outside_sample) != outside_sample or outside_sample < 0:
+            raise ValueError(f"outside_sample must be a non-negative integer, got {outside_sample}")
         if int(rerank) != rerank or rerank < 1:
             raise ValueError(f"rerank must be a positive integer, got {rerank}")
         if topk is not None and (int(topk) != topk or topk < 1):
             raise ValueError(f"topk must be a positive integer, got {topk}")
         weights = scale_weights(self.scales, alpha)
-        settings = AttributionSettings(ts, k, candidates, nprobe, topk, alpha, seed, noise_draws, schedule, mode, thumbnail_share, outside_sample, precision, maps, tail, int(rerank), int(outside_near))
+        settings = AttributionSettings(ts, k, candidates, nprobe, topk, alpha, seed, noise_draws, schedule, mode, thumbnail_share, outside_sample, precision, maps, tail, int(rerank))
         dtype = resolve_dtype(precision)
         n, nq = self.corpus.count, queries.shape[0]
         m_per_t = [candidates if candidates is not None else default_candidates(sched.signal_and_noise(t)[1]) for t in ts]
@@ -301,10 +308,6 @@ class Attributor:
             noisy = [noise_images(queries, t, sched, seed, d) for d in range(noise_draws)]  # each (Q, C, H, W)
             patches = {(d, sc): extract_patches(noisy[d], sc) for d in range(noise_draws) for sc in self.scales}
             hits = {key: self.searcher.search(key[1], (p / s).numpy(), k, nprobe) for key, p in patches.items()}
-            # one fixed random order of the images per (seed, t): each query's outside sample is the
-            # first non-candidates in it, so a query's result does not depend on its batch position
-            order = np.random.default_rng([seed, t]).permutation(n) if mode == "rescore" and outside_sample else None
-            rank = np.argsort(order) if order is not None and outside_near else None  # only the stratified sample needs it
             for q in range(nq):
                 if mode == "fast":
                     ids, vals = self._fast_scores(q, hits, s, sigma2, weights, noise_draws, topk)
@@ -315,10 +318,9 @@ class Attributor:
                     if len(cand) > m_t:
                         proxy = self._proxy_scores(q, cand, noisy, s, sigma2, weights, noise_draws, dtype)
                         cand = np.sort(cand[np.argsort(-proxy, kind="stable")[:m_t]])
-                    sample = self._outside_sample(order, rank, cand, outside_sample, mass, int(outside_near) * len(cand))
                     known = self._known_logits(q, cand, hits, noisy, s, sigma2)
-                    retrieved_out = self._retrieved_outside(known)
-                    ids, vals, maps_q, outside, log_zs = self._rescore(q, cand, sample, retrieved_out, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
+                    sampled = self._sample_outside(q, cand, known, noisy, s, sigma2, dtype, outside_sample, (seed, t))
+                    ids, vals, maps_q, outside, log_zs = self._rescore(q, cand, self._retrieved_outside(known), sampled, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
                     if tail:
                         ids, vals = self._add_tail(ids, vals, known, log_zs, weights, noise_draws)
                     result.kept_maps[(ti, q)] = maps_q
@@ -427,8 +429,9 @@ class Attributor:
         return ids, acc[ids]
 
     def _known_logits(self, q: int, cand: np.ndarray, hits: dict, noisy: list[torch.Tensor], s: float, sigma2: float) -> dict:
-        """Per (draw, scale): (logits (L, K') float64, image (L, K')) of the retrieved patches of
-        non-candidates, from exact distances; entries that are not such patches hold -inf / -1.
+        """Per (draw, scale): (logits (L, K') float64, image (L, K'), position (L, K')) of the
+        retrieved patches of non-candidates, from exact distances; entries that are not such
+        patches hold -inf / -1 / -1.
 
         From an index with exact distances (Flat, IVF-Flat), all K retrieved as they are. Otherwise
         (PCA, quantised codes, which misjudge them) the ``TAIL_K`` nearest of each query patch that
@@ -440,7 +443,7 @@ class Attributor:
             if self._distances_exact(sc):
                 img = image[q]
                 keep = (img >= 0) & ~np.isin(img, cand)
-                out[(d, sc)] = (np.where(keep, dist[q].astype(np.float64) * scale_logit, -np.inf), np.where(keep, img, -1))
+                out[(d, sc)] = (np.where(keep, dist[q].astype(np.float64) * scale_logit, -np.inf), np.where(keep, img, -1), np.where(keep, position[q], -1))
                 continue
             kt = min(TAIL_K, dist.shape[-1])
             img, pos = image[q][:, :kt], position[q][:, :kt]
@@ -451,7 +454,7 @@ class Attributor:
                 qv = extract_patches(noisy[d][q : q + 1], sc)[0].double() / s  # (L, D), unscaled like the index
                 y = self.corpus.patch_vectors(img[u_idx, k_idx], pos[u_idx, k_idx], sc).double()  # (E, D)
                 exact[u_idx, k_idx] = (qv[torch.from_numpy(u_idx)] - y).square().sum(-1).numpy()
-            out[(d, sc)] = (exact * scale_logit, np.where(keep, img, -1))  # inf * negative = -inf where dropped
+            out[(d, sc)] = (exact * scale_logit, np.where(keep, img, -1), np.where(keep, pos, -1))  # inf * negative = -inf where dropped
         return out
 
     @staticmethod
@@ -459,57 +462,37 @@ class Attributor:
         """Per (draw, scale): (L,) log of the softmax mass of the retrieved patches of non-candidates.
 
         A known lower bound of the non-candidates' share of the normaliser at each query position
-        (-inf where nothing outside the candidates was retrieved); the uniform sample can miss a
-        near-copy outside the M, the retrieval does not. ``known``: ``_known_logits``.
+        (-inf where nothing outside the candidates was retrieved): the exactly known part of the
+        non-candidates' mass; the sample (``_sample_outside``) estimates the rest. ``known``:
+        ``_known_logits``.
         """
-        return {key: torch.logsumexp(torch.from_numpy(logits), -1) for key, (logits, _) in known.items()}
+        return {key: torch.logsumexp(torch.from_numpy(logits), -1) for key, (logits, _, _) in known.items()}
 
     # stage 2 -----------------------------------------------------------------------------
-    @staticmethod
-    def _outside_sample(order: np.ndarray | None, rank: np.ndarray | None, cand: np.ndarray, size: int,
-                        mass: np.ndarray | None = None, near: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, stands_for): a sample of non-candidates and how many non-candidates each stands for.
+    def _sample_outside(self, q, cand, known, noisy, s, sigma2, dtype, per_class, seed) -> dict:
+        """Per (draw, scale): (L,) log of the estimated mass of the non-candidates' patches not
+        counted in ``known`` (``_known_logits``; outside.py). The draws depend only on (seed, t, draw, scale), not on the
+        query's place in its batch."""
+        if per_class <= 0 or len(cand) >= self.corpus.count:
+            return {}
+        out = {}
+        for d in range(len(noisy)):
+            for si, sc in enumerate(self.scales):
+                qp = extract_patches(noisy[d][q : q + 1].to(self.device, dtype), sc)[0]
+                _, img, pos = known[(d, sc)]
+                rng = np.random.default_rng([*seed, d, si])
+                out[(d, sc)] = estimate_outside(self.corpus, qp, self.groups[sc], sc, s, 1.0 / (2.0 * sigma2), cand, img, pos, per_class, rng)
+        return out
 
-        Uniform (``near`` = 0): the first ``size`` non-candidates in ``order``. Stratified
-        (``near`` > 0): half from the ``near`` non-candidates of largest retrieved ``mass`` (where
-        the missing mass concentrates), half from the others, each the first in ``order`` within
-        its stratum; ``rank`` is the inverse of ``order``.
-        """
-        empty = np.empty(0, dtype=np.int64), np.empty(0)
-        if order is None or size <= 0:
-            return empty
-        strata: list[tuple[np.ndarray, int]] = []
-        excluded = cand
-        if near > 0 and mass is not None:
-            by_mass = np.argsort(-mass, kind="stable")
-            by_mass = by_mass[mass[by_mass] > 0]
-            a = by_mass[~np.isin(by_mass, cand)][:near]
-            if len(a):
-                k_a = min(len(a), max(1, size // 2))
-                strata.append((a[np.argsort(rank[a], kind="stable")[:k_a]], len(a)))
-                excluded = np.concatenate([cand, a])
-        k_b = size - sum(len(ids) for ids, _ in strata)
-        head = order[: k_b + len(excluded)]
-        b = head[~np.isin(head, excluded)][:k_b]
-        if len(b):
-            strata.append((b, len(order) - len(excluded)))
-        if not strata:
-            return empty
-        ids = np.concatenate([x for x, _ in strata])
-        return ids, np.concatenate([np.full(len(x), total / len(x)) for x, total in strata])
-
-    def _rescore(self, q, cand, sample, retrieved_out, noisy, s, sigma2, weights, draws, topk, dtype, n_maps):
+    def _rescore(self, q, cand, retrieved_out, sampled, noisy, s, sigma2, weights, draws, topk, dtype, n_maps):
         """Exact re-scoring of query q against every position of the candidate images.
 
-        The non-candidates' share of the softmax normaliser at each query position is the larger of
-        two estimates: the exact mass of the sampled non-candidates, each weighted by how many it
-        stands for (``sample`` = (ids, stands_for)), and ``retrieved_out``, the known mass of their
-        retrieved patches.
+        The non-candidates' share of the softmax normaliser at each query position is
+        ``retrieved_out`` (the exact mass of their retrieved patches) plus the sampled estimate of
+        the rest (``sampled``: ``_sample_outside``; outside.py).
         """
         n, m = self.corpus.count, len(cand)
         inv = 1.0 / (2.0 * sigma2)
-        sample, stands_for = sample
-        log_stands = torch.from_numpy(np.log(stands_for)).to(self.device, dtype)
         scores = torch.zeros(m, dtype=torch.float64)
         per_pos: dict[Scale, list[torch.Tensor]] = {}
         outside = np.zeros(len(self.scales))
@@ -526,14 +509,8 @@ class Attributor:
                     aggs.append(agg[0])
                 log_z_in = torch.logsumexp(torch.stack(fulls), 0)[0]  # (L,)
                 log_z_out = retrieved_out[(d, sc)].to(log_z_in) if m < n else torch.full_like(log_z_in, -math.inf)
-                if len(sample):
-                    out_full = []
-                    for lo in range(0, len(sample), step):
-                        imgs = self.corpus.take(sample[lo : lo + step]).to(self.device, dtype) * s
-                        full = log_masses(qp, extract_patches(imgs, sc), self.groups[sc], inv, None)[0]  # (1, L, b)
-                        out_full.append(torch.logsumexp(full + log_stands[lo : lo + step], -1))
-                    sampled = torch.logsumexp(torch.stack(out_full), 0)[0]
-                    log_z_out = torch.maximum(log_z_out, sampled)
+                if (d, sc) in sampled:
+                    log_z_out = torch.logaddexp(log_z_out, sampled[(d, sc)].to(log_z_out))
                 log_z = torch.logaddexp(log_z_in, log_z_out)
                 log_zs[(d, sc)] = log_z
                 outside[si] += float(torch.exp(log_z_out - log_z).mean()) / draws
@@ -560,7 +537,7 @@ class Attributor:
         BENCHMARKS.md). ``known``: ``_known_logits``.
         """
         extra = np.zeros(self.corpus.count)
-        for (d, sc), (logits, img) in known.items():
+        for (d, sc), (logits, img, _) in known.items():
             ok = img >= 0
             w = np.exp(logits - log_zs[(d, sc)].double().cpu().numpy()[:, None])[ok]
             extra += weights[self.scales.index(sc)] / draws * np.bincount(img[ok], weights=w, minlength=self.corpus.count)

@@ -209,22 +209,3 @@ def test_patch_vectors_read_from_the_store_equal_extract_patches(crops, tmp_path
     for view in (store_view, CorpusView(store_view.take(np.arange(len(corpus))))):
         got = view.patch_vectors(ids, pos, sc)
         torch.testing.assert_close(got, full[torch.from_numpy(ids), torch.from_numpy(pos)], rtol=0, atol=1e-6)
-
-
-def test_outside_sample_strata_stand_for_every_non_candidate():
-    rng = np.random.default_rng(0)
-    n = 1000
-    order = rng.permutation(n)
-    rank = np.argsort(order)
-    cand = np.arange(0, 1000, 10)  # 100 candidates
-    mass = rng.random(n) * (rng.random(n) < 0.5)
-    uniform, u_w = Attributor._outside_sample(order, rank, cand, 32)
-    strat, s_w = Attributor._outside_sample(order, rank, cand, 32, mass, near=200)
-    for ids, w in ((uniform, u_w), (strat, s_w)):
-        assert len(ids) == 32 == len(set(ids.tolist())) and not np.isin(ids, cand).any()
-        assert w.sum() == pytest.approx(n - len(cand))
-    np.testing.assert_array_equal(uniform, order[~np.isin(order, cand)][:32])  # the first non-candidates in order
-    top = np.argsort(-mass, kind="stable")
-    near = top[(mass[top] > 0) & ~np.isin(top, cand)][:200]
-    assert np.isin(strat[:16], near).all() and not np.isin(strat[16:], near).any()
-    assert (s_w[:16] == 200 / 16).all() and (s_w[16:] == (n - len(cand) - 200) / 16).all()

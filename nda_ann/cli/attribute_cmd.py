@@ -33,10 +33,11 @@ def _common(f):
         click.option("--schedule", type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]), default="linear", show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i]."),
         click.option("--k", type=click.IntRange(min=1), default=1024, show_default=True, help="Patches retrieved per query patch."),
-        click.option("--candidates", "-m", type=click.IntRange(min=1), default=None, help="Candidate images re-scored exactly (M; default 200 at low noise, sigma^2 < 0.3 such as t = 100, else 500)."),
+        click.option("--candidates", "-m", type=click.IntRange(min=1), default=None, help="Candidate images re-scored exactly (M; default 200 at low noise, sigma^2 < 0.3 such as t = 100, else 1,000)."),
         click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed (default: the index's)."),
         click.option("--mode", type=click.Choice(["rescore", "fast"]), default="rescore", show_default=True, help="fast: truncated softmax over the K retrieved patches only."),
         click.option("--rerank", type=click.IntRange(min=1), default=None, help="Re-rank a pool of RERANK x M images by exact mass at a subset of query positions (default 1 = off; measured in BENCHMARKS.md)."),
+        click.option("--outside-sample", type=click.IntRange(min=0), default=None, help="Non-candidate patches sampled per layout class to estimate the mass outside the M (default 4,096; 0: only the retrieved ones)."),
         click.option("--tail/--no-tail", default=None, help="Score non-candidates by the weights of their retrieved patches (default on; --no-tail scores them 0 as SPEC section 4)."),
     ]
     for opt in reversed(opts):
@@ -56,7 +57,7 @@ def _fail(err: Exception):
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default=None, help="Dense arithmetic (default: float32 for the index path, float64 for --exact).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Results folder.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows printed per query.")
-def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, tail, precision, out_dir, top):
+def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, precision, out_dir, top):
     """Say which training images QUERY images draw on: SOURCE is an index (or a store with --exact)."""
     from .. import api
     from ..errors import NdaError
@@ -65,7 +66,7 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
         text = api.attribute_to_folder(
             source, list(queries), out_dir, exact=exact, timesteps=list(timesteps), scales=list(scales) or None,
             alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws, schedule=schedule, device=device, k=k,
-            candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, tail=tail, precision=precision, top=top,
+            candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, tail=tail, precision=precision, top=top,
         )
     except (NdaError, ValueError, FileExistsError) as err:
         _fail(err)
@@ -78,7 +79,7 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
 @click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @_common
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the metrics here.")
-def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, tail, json_out):
+def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, json_out):
     """Fidelity of the index path against the exact scorer on the same queries and noise (SPEC 5)."""
     from .. import api
     from ..errors import NdaError
@@ -86,7 +87,7 @@ def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, s
     try:
         text = api.compare_to_exact(
             index, list(queries), timesteps=list(timesteps), alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws,
-            schedule=schedule, device=device, k=k, candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, tail=tail, json_path=json_out,
+            schedule=schedule, device=device, k=k, candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, tail=tail, json_path=json_out,
         )
     except (NdaError, ValueError) as err:
         _fail(err)

@@ -1,0 +1,100 @@
+"""The sampled estimate of the non-candidates' mass (outside.py) against a naive computation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nda_ann.attribution import Attributor
+from nda_ann.exact import exact_scores
+from nda_ann.inputs import CorpusView
+from nda_ann.outside import draw_pairs, estimate_outside
+from nda_ann.patches import extract_patches, layout_groups
+from nda_ann.scales import Scale
+from nda_ann.store import uint8_to_float
+from nda_ann.torch_search import TorchFlatSearch
+
+
+@pytest.fixture(scope="module")
+def crops():
+    from nda_ann.demo_corpus import demo_corpus
+
+    dc = demo_corpus(n_train=30, n_queries=2, seed=5)
+    small = torch.nn.functional.avg_pool2d(uint8_to_float(dc.train), 2)[:, :, 3:13, 3:13].contiguous()  # 10x10
+    queries = torch.nn.functional.avg_pool2d(uint8_to_float(dc.queries), 2)[:, :, 3:13, 3:13].contiguous()
+    return small, queries
+
+
+def test_draw_pairs_are_distinct_non_candidate_pairs_and_all_of_them_at_full_size():
+    rng = np.random.default_rng(0)
+    cand = np.array([0, 3, 4, 9])
+    positions = np.array([5, 6, 11])
+    ids, at = draw_pairs(10, cand, positions, 7, rng)
+    assert len(set(zip(ids.tolist(), at.tolist()))) == 7
+    assert not np.isin(ids, cand).any() and np.isin(at, positions).all() and ids.max() < 10
+    ids, at = draw_pairs(10, cand, positions, 1000, rng)
+    assert sorted(zip(ids.tolist(), at.tolist())) == [(i, p) for i in range(10) if i not in cand for p in positions]
+
+
+def _naive_outside(corpus, qp, scale, s, sigma2, cand, counted):
+    """(L,) log of the exact mass of every non-candidate patch of the same layout not in ``counted``
+    (a set of (u, image, position)), by a loop over images."""
+    size = corpus.shape[-1]
+    cp = extract_patches(corpus.double() * s, scale)  # (N, L, D)
+    out = torch.full((qp.shape[0],), -math.inf, dtype=torch.float64)
+    for group in layout_groups(size, scale):
+        for u in group.positions.tolist():
+            terms = [-((qp[u] - cp[n, v]) ** 2).sum() / (2 * sigma2)
+                     for n in range(len(corpus)) if n not in cand for v in group.positions.tolist() if (u, n, v) not in counted]
+            if terms:
+                out[u] = torch.logsumexp(torch.stack(terms), 0)
+    return out
+
+
+@pytest.mark.parametrize("scale", ["3", "4:2"])
+def test_exhaustive_sample_is_the_exact_outside_mass_less_the_counted_pairs(crops, scale):
+    corpus, queries = crops
+    sc = Scale.parse(scale)
+    s, sigma2 = 0.9, 0.2
+    qp = extract_patches(queries[:1].double(), sc)[0]
+    npos = qp.shape[0]
+    cand = np.array([2, 7, 11])
+    rng = np.random.default_rng(1)
+    known_img = rng.integers(-1, len(corpus), (npos, 5))
+    known_img[np.isin(known_img, cand)] = -1
+    known_pos = np.where(known_img >= 0, rng.integers(0, npos, (npos, 5)), -1)
+    counted = {(u, int(i), int(p)) for u in range(npos) for i, p in zip(known_img[u], known_pos[u]) if i >= 0}
+    got = estimate_outside(CorpusView(corpus), qp, layout_groups(10, sc), sc, s, 1 / (2 * sigma2), cand, known_img, known_pos, 10**6, rng)
+    want = _naive_outside(corpus, qp, sc, s, sigma2, set(cand.tolist()), counted)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)  # patch vectors are read as float32
+
+
+def test_sampled_estimate_is_unbiased(crops):
+    corpus, queries = crops
+    sc = Scale(3)
+    s, sigma2 = 0.9, 0.5
+    qp = extract_patches(queries[:1].double(), sc)[0]
+    cand = np.array([0, 1, 2])
+    none = np.full((qp.shape[0], 1), -1)
+    groups = layout_groups(10, sc)
+    want = torch.exp(estimate_outside(CorpusView(corpus), qp, groups, sc, s, 1 / (2 * sigma2), cand, none, none, 10**6, np.random.default_rng(0)))
+    draws = torch.stack([torch.exp(estimate_outside(CorpusView(corpus), qp, groups, sc, s, 1 / (2 * sigma2), cand, none, none, 20, np.random.default_rng(i))) for i in range(400)])
+    interior = next(g for g in groups if g.interior).positions  # 64 positions x 27 images: 20 is a small sample
+    mean, sem = draws.mean(0)[interior], draws.std(0)[interior] / 20
+    assert (draws.std(0)[interior] > 0).all()
+    assert ((mean - want[interior]).abs() <= 4 * sem).float().mean() >= 0.95
+
+
+def test_with_an_exhaustive_outside_sample_candidates_score_exactly(crops):
+    """Exact normaliser: the candidates' retrieved mass, the non-candidates' retrieved mass and the
+    sample of the rest add up to the whole, so each candidate gets its exact score."""
+    corpus, queries = crops
+    exact = exact_scores(corpus, queries, timesteps=[100, 300], scales=[3, "2:2"], topk=4)
+    att = Attributor(TorchFlatSearch(corpus, [3, "2:2"]), corpus, [3, "2:2"])
+    got = att.attribute(queries, [100, 300], k=8, candidates=6, topk=4, tail=False, outside_sample=10**6, precision="float64")
+    for (ti, q), (ids, vals) in got.sparse.items():
+        assert len(ids) == 6
+        np.testing.assert_allclose(vals, exact[ti, q, ids], rtol=2e-6)  # patch vectors are read as float32
+        assert 0 < got.outside_mass[ti, q].min() and got.outside_mass[ti, q].max() < 1
