@@ -6,6 +6,7 @@ zero on both sides (same layout), so those entries cancel exactly; no mask const
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .patches import LayoutGroup
@@ -20,6 +21,18 @@ def logsumexp_(x: torch.Tensor) -> torch.Tensor:
     top = x.amax(-1, keepdim=True)
     total = x.sub_(top).clamp_min_(_FLOOR).exp_().sum(-1)
     return total.log_().add_(top.squeeze(-1))
+
+
+def largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest entries of each row of ``x`` (..., V), in no order: (..., k).
+
+    On the CPU numpy's introselect (np.partition), 3.5x faster than torch.topk on rows of 676
+    logits (2 cores; the slowest step of the dense re-scoring); torch.topk elsewhere.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        v = x.shape[-1]
+        return torch.from_numpy(np.partition(x.detach().numpy(), v - k, axis=-1)[..., v - k :])
+    return x.topk(k, dim=-1, sorted=False).values
 
 
 def log_masses(
@@ -57,7 +70,7 @@ def log_masses(
         logits = logits.view(nq * u, n, v)
         offset = query_norms[:, pos] * inv_two_sigma2  # (Q, U)
         if topk is not None:
-            kept = logits.clone() if topk >= v else logits.topk(topk, dim=-1, sorted=False).values
+            kept = logits.clone() if topk >= v else largest(logits, topk)
             agg[:, pos] = logsumexp_(kept).view(nq, u, n) - offset[..., None]
         full[:, pos] = logsumexp_(logits).view(nq, u, n) - offset[..., None]
     return full, agg

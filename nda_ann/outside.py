@@ -3,35 +3,66 @@
 At each query position u the normaliser is Z(u) = candidates' mass (exact, from the re-scoring)
 + the non-candidates' mass. The latter splits into
 - R(u): the non-candidates' patches retrieved for u, whose exact logits are known, and
-- the rest, estimated from a uniform random sample (without replacement) of the non-candidates'
-  (image, position) pairs of u's layout class, excluding the pairs already counted in R(u), each standing for
-  population / sample size pairs.
+- the rest, estimated from sampled (image, position) pairs of u's layout class: S non-candidate
+  images (``Guide``: uniform, or weighted towards those whose patches were retrieved), one random
+  position of each per class, the pairs already counted in R(u) excluded, each pair weighted by
+  how many it stands for.
 The estimate is unbiased whatever the index returned (the exclusion is by identity, not by
 distance), and its variance is small where it matters: the nearest patches, which hold most of
-the mass at small t, are in R(u) exactly, and single patches drawn from many images vary far less
-than whole images (whose neighbouring patches overlap and move together).
+the mass at small t, are in R(u) exactly; one pair per image varies far less than whole images
+(whose neighbouring patches overlap and move together); the guide samples more where near-copies
+are likely. Each sampled image is read once for all classes.
 """
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 
-from .patches import LayoutGroup
+from .patches import LayoutGroup, patch_view
 from .scales import Scale
 
 
-def draw_pairs(n: int, cand: np.ndarray, positions: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(image ids (S,), positions (S,)): ``size`` distinct pairs drawn uniformly without replacement
-    from (range(n) minus the sorted ``cand``) x ``positions``; all of them when size >= population."""
-    free = n - len(cand)
-    population = free * len(positions)
-    size = min(size, population)
-    flat = np.sort(rng.choice(population, size, replace=False)) if size < population else np.arange(population)
-    rank, at = np.divmod(flat, len(positions))
-    # the rank-th non-candidate: rank + the number of candidates before it
-    ids = rank + np.searchsorted(cand - np.arange(len(cand)), rank, side="right")
-    return ids.astype(np.int64), positions[at]
+def non_candidates(cand: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """The ``rank``-th non-candidates (rank + the number of candidates before each); cand sorted."""
+    return rank + np.searchsorted(cand - np.arange(len(cand)), rank, side="right")
+
+
+class Guide:
+    """How the non-candidate images are drawn: uniformly, or (``mass`` given) from the mixture
+    share * pi + (1 - share) * uniform, where pi is their share of the retrieved softmax mass.
+
+    Each image drawn stands for 1 / (S * p(image)) images (Horvitz-Thompson for the uniform draw
+    without replacement, Hansen-Hurwitz for the mixture, drawn with replacement), so the estimate
+    is unbiased whatever pi is; the mixture puts the samples where near-copies of the query's
+    patches are likely: the images some of whose indexed patches were retrieved.
+    """
+
+    def __init__(self, n: int, cand: np.ndarray, mass: np.ndarray | None = None, share: float = 0.5):
+        self.n, self.cand, self.free = n, np.asarray(cand, dtype=np.int64), n - len(cand)
+        self.share = 0.0
+        if mass is not None and share > 0:
+            pi = np.asarray(mass, dtype=np.float64).copy()
+            pi[self.cand] = 0.0
+            self.ids = np.nonzero(pi > 0)[0]
+            total = float(pi[self.ids].sum())
+            if total > 0:
+                self.share, self.pi = share, pi / total
+                self.cdf = np.cumsum(self.pi[self.ids])
+
+    def draw(self, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids (S,), log of how many non-candidate images each stands for (S,))."""
+        if self.share == 0.0:
+            ids = non_candidates(self.cand, rng.choice(self.free, size, replace=False))
+            return ids, np.full(size, math.log(self.free / size))
+        from_pi = rng.random(size) < self.share
+        k = int(from_pi.sum())
+        ids = np.empty(size, dtype=np.int64)
+        ids[from_pi] = self.ids[np.searchsorted(self.cdf, rng.random(k) * self.cdf[-1], side="right").clip(max=len(self.ids) - 1)]
+        ids[~from_pi] = non_candidates(self.cand, rng.integers(0, self.free, size - k))
+        p = self.share * self.pi[ids] + (1 - self.share) / self.free
+        return ids, -np.log(size * p)
 
 
 def _counted(keys: np.ndarray, known_keys: np.ndarray) -> np.ndarray:
@@ -52,36 +83,51 @@ def estimate_outside(
     scale: Scale,
     s: float,
     inv_two_sigma2: float,
-    cand: np.ndarray,
     known_image: np.ndarray,
     known_position: np.ndarray,
-    per_class: int,
+    size: int,
+    guide: Guide,
     rng: np.random.Generator,
 ) -> torch.Tensor:
-    """(L,) float64: log of the estimated mass of the non-candidates' patches not counted in R(u),
-    from ``per_class`` sampled (image, position) pairs per layout class (-inf where none).
+    """(L,) float64: log of the estimated mass of the non-candidates' patches not counted in R(u)
+    (-inf where none).
 
-    query_patches: (L, D) noised query patch vectors (device and dtype of the computation);
-    cand: sorted candidate ids; known_image / known_position: (L, K') the pairs counted exactly in
-    R(u) (-1 where none). ``corpus`` is a ``CorpusView``.
+    ``size`` non-candidate images are drawn (``guide``) and read once; each layout class then takes
+    one uniformly drawn position of its own from each, and each pair stands for |class| / (S p)
+    pairs. When there are at most ``size`` non-candidates, all are taken, and a class whose pairs
+    number at most ``size`` has every pair scored: its estimate is then exact. query_patches: (L, D) noised query patch vectors (device and dtype of
+    the computation); known_image / known_position: (L, K') the pairs counted exactly in R(u) (-1
+    where none). ``corpus`` is a ``CorpusView``.
     """
-    n = corpus.count
     npos = query_patches.shape[0]
     dev, dtype = query_patches.device, query_patches.dtype
     log_mass = torch.full((npos,), -math.inf, dtype=torch.float64)
+    if guide.free <= 0 or size <= 0:
+        return log_mass
+    every_image = guide.free <= size
+    if every_image:  # each non-candidate stands for itself
+        ids, log_w = non_candidates(guide.cand, np.arange(guide.free)), np.zeros(guide.free)
+    else:
+        ids, log_w = guide.draw(size, rng)
+    view = patch_view(corpus.take(ids).to(dev, dtype) * s, scale)  # (S, G, G, C, m, m), no copy
+    grid = view.shape[1]
     known_keys = np.where(known_image >= 0, known_image.astype(np.int64) * npos + known_position, -1)
     q_norms = query_patches.square().sum(-1)
     for group in groups:
         pos = group.positions
-        population = (n - len(cand)) * len(pos)
-        size = min(int(per_class), population)
-        if size <= 0:
-            continue
-        ids, at = draw_pairs(n, cand, pos.numpy(), size, rng)
-        y = corpus.patch_vectors(ids, at, scale).to(dev, dtype) * s  # (S, D)
+        if every_image and len(ids) * len(pos) <= size:  # every (image, position) pair of the class
+            img_idx = np.repeat(np.arange(len(ids)), len(pos))
+            at = np.tile(pos.numpy(), len(ids))
+            pair_w = log_w[img_idx]
+        else:  # one position per image drawn, standing for the class's |pos| positions
+            img_idx = np.arange(len(ids))
+            at = pos.numpy()[rng.integers(0, len(pos), len(ids))]
+            pair_w = log_w + math.log(len(pos))
+        at_t = torch.from_numpy(at)
+        y = view[torch.from_numpy(img_idx), at_t // grid, at_t % grid].reshape(len(at), -1)  # (P, D)
         q = query_patches[pos]
         logits = torch.addmm(y.square().sum(-1)[None], q, y.T, beta=-1.0, alpha=2.0)
-        logits = logits.sub_(q_norms[pos][:, None]).mul_(inv_two_sigma2).double().cpu()  # (U, S)
-        logits[torch.from_numpy(_counted(ids * npos + at, known_keys[pos.numpy()]))] = -math.inf
-        log_mass[pos] = torch.logsumexp(logits, -1) + math.log(population / size)
+        logits = logits.sub_(q_norms[pos][:, None]).mul_(inv_two_sigma2).double().cpu()  # (U, P)
+        logits[torch.from_numpy(_counted(ids[img_idx] * npos + at, known_keys[pos.numpy()]))] = -math.inf
+        log_mass[pos] = torch.logsumexp(logits + torch.from_numpy(pair_w)[None], -1)
     return log_mass

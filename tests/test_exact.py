@@ -137,3 +137,14 @@ def test_bad_arguments_are_named(rng):
         exact_scores(corpus, bad, timesteps=10, scales=[3])
     with pytest.raises(Exception, match="resize queries"):
         exact_scores(corpus, corpus[:1, :, :6, :6], timesteps=10, scales=[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_largest_equals_topk(rng, dtype):
+    from nda_ann.dense import largest
+
+    x = torch.from_numpy(rng.normal(size=(7, 5, 40))).to(dtype)
+    x[0, 0, :10] = 3.0  # ties
+    got = largest(x, 12).sort(-1).values
+    want = x.topk(12, dim=-1).values.sort(-1).values
+    assert got.shape == (7, 5, 12) and torch.equal(got, want)

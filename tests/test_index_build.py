@@ -76,20 +76,21 @@ def test_layout_classes_partition_the_grid_and_keep_every_class(size, scale, str
 def test_auto_choice_by_class_size_and_budget():
     g8 = parse_memory("8G")
     assert parse_memory("512M") == 512 << 20 and parse_memory("1.5g") == int(1.5 * (1 << 30)) and parse_memory(100) == 100
-    # a scale whose float32 vectors fit in B/2: exact up to 2M vectors per class, IVF-Flat above
-    small, mid = class_specs([100_000, 3_000_000], 147, g8)
+    # a scale whose float32 vectors fit in B/2: exact up to 65,536 vectors per class, IVF-Flat above
+    small, edge, mid = class_specs([65_536, 130_000, 3_000_000], 147, g8)
     assert small.factory == "Flat" and small.exact
+    assert edge.factory == "IVF1024,Flat" and edge.nprobe == 16 and not edge.exact
     assert mid.tier == "ivf-flat" and mid.nlist == auto_nlist(3_000_000) == 8192 and 39 * mid.nlist <= mid.train_size
-    assert mid.factory == "IVF8192_HNSW32,Flat" and mid.nprobe == 128
+    assert mid.factory == "IVF8192_HNSW32,Flat" and mid.nprobe == 32
     # 100k images of 32x32 at 14:2: 144 corner classes of 100k, 24 edges of 1.9M, interior 36.1M
     specs = class_specs([100_000] * 144 + [1_900_000] * 24 + [36_100_000], 147, g8)
     assert {s.factory for s in specs[:144]} == {"IVF1024,SQ8"}  # 144 x 59 MB of Flat would exceed B/4
     assert specs[144].tier == "ivf-sq8" and specs[144].code_bytes == 155
     big = specs[-1]
     assert big.tier == "ivf-pq" and big.factory == "PCA64,IVF32768_HNSW32,PQ32np" and big.code_bytes == 40
-    # at p = 7 the 36 corner classes (2.1 GB of float32) still fit in B/4 and stay exact
-    p7 = class_specs([100_000] * 36 + [2_600_000] * 12 + [67_600_000], 147, g8)
-    assert {s.factory for s in p7[:36]} == {"Flat"} and p7[36].factory == "IVF8192_HNSW32,SQ8"
+    # at p = 7 and 50k images the 36 corner classes (1.1 GB of float32) fit in B/4 and stay exact
+    p7 = class_specs([50_000] * 36 + [1_300_000] * 12 + [33_800_000], 147, g8)
+    assert {s.factory for s in p7[:36]} == {"Flat"} and p7[36].factory == "IVF4096_HNSW32,SQ8"
     assert class_specs([1000], 147, g8, "IVF1024,Flat")[0].factory == "Flat"  # too few to train 1024 lists
     with pytest.raises(InputError, match="unknown or unusable FAISS factory"):
         class_specs([1000], 147, g8, "IVF12,Blah")

@@ -10,7 +10,7 @@ import torch
 from nda_ann.attribution import Attributor
 from nda_ann.exact import exact_scores
 from nda_ann.inputs import CorpusView
-from nda_ann.outside import draw_pairs, estimate_outside
+from nda_ann.outside import Guide, estimate_outside, non_candidates
 from nda_ann.patches import extract_patches, layout_groups
 from nda_ann.scales import Scale
 from nda_ann.store import uint8_to_float
@@ -27,15 +27,24 @@ def crops():
     return small, queries
 
 
-def test_draw_pairs_are_distinct_non_candidate_pairs_and_all_of_them_at_full_size():
-    rng = np.random.default_rng(0)
-    cand = np.array([0, 3, 4, 9])
-    positions = np.array([5, 6, 11])
-    ids, at = draw_pairs(10, cand, positions, 7, rng)
-    assert len(set(zip(ids.tolist(), at.tolist()))) == 7
-    assert not np.isin(ids, cand).any() and np.isin(at, positions).all() and ids.max() < 10
-    ids, at = draw_pairs(10, cand, positions, 1000, rng)
-    assert sorted(zip(ids.tolist(), at.tolist())) == [(i, p) for i in range(10) if i not in cand for p in positions]
+def test_guide_draws_non_candidates_and_weights_them_to_stand_for_all():
+    n, cand = 50, np.array([0, 3, 4, 9, 49])
+    free = np.setdiff1d(np.arange(n), cand)
+    np.testing.assert_array_equal(non_candidates(cand, np.arange(len(free))), free)
+    ids, log_w = Guide(n, cand).draw(20, np.random.default_rng(0))
+    assert len(set(ids.tolist())) == 20 and np.isin(ids, free).all()
+    assert np.exp(log_w).sum() == pytest.approx(len(free))  # 20 of 45, each standing for 45 / 20
+    mass = np.zeros(n)
+    mass[[3, 7, 8]] = [5.0, 2.0, 1.0]  # 3 is a candidate: its mass must not count
+    guide = Guide(n, cand, mass, share=0.5)
+    totals, counts = [], np.zeros(n)
+    for seed in range(400):
+        ids, log_w = guide.draw(10, np.random.default_rng(seed))
+        assert np.isin(ids, free).all()
+        totals.append(np.exp(log_w).sum())
+        np.add.at(counts, ids, 1)
+    assert np.mean(totals) == pytest.approx(len(free), rel=0.05)  # unbiased count of the non-candidates
+    assert counts[7] > 5 * counts[free[~np.isin(free, [7, 8])]].mean() and counts[7] > counts[8]
 
 
 def _naive_outside(corpus, qp, scale, s, sigma2, cand, counted):
@@ -66,12 +75,13 @@ def test_exhaustive_sample_is_the_exact_outside_mass_less_the_counted_pairs(crop
     known_img[np.isin(known_img, cand)] = -1
     known_pos = np.where(known_img >= 0, rng.integers(0, npos, (npos, 5)), -1)
     counted = {(u, int(i), int(p)) for u in range(npos) for i, p in zip(known_img[u], known_pos[u]) if i >= 0}
-    got = estimate_outside(CorpusView(corpus), qp, layout_groups(10, sc), sc, s, 1 / (2 * sigma2), cand, known_img, known_pos, 10**6, rng)
+    got = estimate_outside(CorpusView(corpus), qp, layout_groups(10, sc), sc, s, 1 / (2 * sigma2), known_img, known_pos, 10**6, Guide(len(corpus), cand), rng)
     want = _naive_outside(corpus, qp, sc, s, sigma2, set(cand.tolist()), counted)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=0)  # patch vectors are read as float32
 
 
-def test_sampled_estimate_is_unbiased(crops):
+@pytest.mark.parametrize("guided", [False, True])
+def test_sampled_estimate_is_unbiased(crops, guided):
     corpus, queries = crops
     sc = Scale(3)
     s, sigma2 = 0.9, 0.5
@@ -79,12 +89,13 @@ def test_sampled_estimate_is_unbiased(crops):
     cand = np.array([0, 1, 2])
     none = np.full((qp.shape[0], 1), -1)
     groups = layout_groups(10, sc)
-    want = torch.exp(estimate_outside(CorpusView(corpus), qp, groups, sc, s, 1 / (2 * sigma2), cand, none, none, 10**6, np.random.default_rng(0)))
-    draws = torch.stack([torch.exp(estimate_outside(CorpusView(corpus), qp, groups, sc, s, 1 / (2 * sigma2), cand, none, none, 20, np.random.default_rng(i))) for i in range(400)])
-    interior = next(g for g in groups if g.interior).positions  # 64 positions x 27 images: 20 is a small sample
-    mean, sem = draws.mean(0)[interior], draws.std(0)[interior] / 20
-    assert (draws.std(0)[interior] > 0).all()
-    assert ((mean - want[interior]).abs() <= 4 * sem).float().mean() >= 0.95
+    mass = np.random.default_rng(3).random(len(corpus)) ** 4 if guided else None
+    est = lambda size, seed: torch.exp(estimate_outside(CorpusView(corpus), qp, groups, sc, s, 1 / (2 * sigma2), none, none, size, Guide(len(corpus), cand, mass), np.random.default_rng(seed)))
+    want = est(10**6, 0)
+    draws = torch.stack([est(12, i) for i in range(400)])  # 12 of 27 images, one position per class each
+    mean, sem = draws.mean(0), draws.std(0) / 20
+    assert (draws.std(0) > 0).all()
+    assert ((mean - want).abs() <= 4 * sem).float().mean() >= 0.95
 
 
 def test_with_an_exhaustive_outside_sample_candidates_score_exactly(crops):
