@@ -486,7 +486,7 @@ class Attributor:
                 qp = extract_patches(noisy[d][q : q + 1].to(self.device, dtype), sc)[0]
                 _, img, pos = known[(d, sc)]
                 rng = np.random.default_rng([*seed, d, si])
-                out[(d, sc)] = estimate_outside(self.corpus, qp, self.groups[sc], sc, s, 1.0 / (2.0 * sigma2), img, pos, per_class, guide, rng)
+                out[(d, sc)] = estimate_outside(self.corpus, qp, self.groups[sc], sc, s, 1.0 / (2.0 * sigma2), img, pos, per_class, guide, rng, self.budget)
         return out
 
     def _rescore(self, q, cand, retrieved_out, sampled, noisy, s, sigma2, weights, draws, topk, dtype, n_maps):

@@ -88,6 +88,7 @@ def estimate_outside(
     size: int,
     guide: Guide,
     rng: np.random.Generator,
+    budget: int = 256 << 20,
 ) -> torch.Tensor:
     """(L,) float64: log of the estimated mass of the non-candidates' patches not counted in R(u)
     (-inf where none).
@@ -95,15 +96,49 @@ def estimate_outside(
     ``size`` non-candidate images are drawn (``guide``) and read once; each layout class then takes
     one uniformly drawn position of its own from each, and each pair stands for |class| / (S p)
     pairs. When there are at most ``size`` non-candidates, all are taken, and a class whose pairs
-    number at most ``size`` has every pair scored: its estimate is then exact. query_patches: (L, D) noised query patch vectors (device and dtype of
-    the computation); known_image / known_position: (L, K') the pairs counted exactly in R(u) (-1
-    where none). ``corpus`` is a ``CorpusView``.
+    number at most ``size`` has every pair scored: its estimate is then exact.
+    query_patches: (L, D) noised query patch vectors (device and dtype of the computation);
+    known_image / known_position: (L, K') the pairs counted exactly in R(u) (-1 where none).
+    ``corpus`` is a ``CorpusView``. Images are read in chunks whose pixels and logits fit ``budget``.
     """
     npos = query_patches.shape[0]
     dev, dtype = query_patches.device, query_patches.dtype
     log_mass = torch.full((npos,), -math.inf, dtype=torch.float64)
     if guide.free <= 0 or size <= 0:
         return log_mass
+    every_image = guide.free <= size
+    if every_image:  # each non-candidate stands for itself
+        ids, log_w = non_candidates(guide.cand, np.arange(guide.free)), np.zeros(guide.free)
+    else:
+        ids, log_w = guide.draw(size, rng)
+    exhaustive = [every_image and len(ids) * len(g) <= size for g in groups]
+    known_keys = np.where(known_image >= 0, known_image.astype(np.int64) * npos + known_position, -1)
+    q_norms = query_patches.square().sum(-1)
+    pixels = 4 * int(np.prod(corpus.shape))
+    per_image = pixels + 16 * max(len(g) * (len(g) if ex else 1) for g, ex in zip(groups, exhaustive))
+    step = max(1, budget // per_image)
+    for lo in range(0, len(ids), step):
+        chunk, chunk_w = ids[lo : lo + step], log_w[lo : lo + step]
+        view = patch_view(corpus.take(chunk).to(dev, dtype) * s, scale)  # (b, G, G, C, m, m), no copy
+        grid = view.shape[1]
+        for group, ex in zip(groups, exhaustive):
+            pos = group.positions
+            if ex:  # every (image, position) pair of the class
+                img_idx = np.repeat(np.arange(len(chunk)), len(pos))
+                at = np.tile(pos.numpy(), len(chunk))
+                pair_w = chunk_w[img_idx]
+            else:  # one position per image drawn, standing for the class's |pos| positions
+                img_idx = np.arange(len(chunk))
+                at = pos.numpy()[rng.integers(0, len(pos), len(chunk))]
+                pair_w = chunk_w + math.log(len(pos))
+            at_t = torch.from_numpy(at)
+            y = view[torch.from_numpy(img_idx), at_t // grid, at_t % grid].reshape(len(at), -1)  # (P, D)
+            q = query_patches[pos]
+            logits = torch.addmm(y.square().sum(-1)[None], q, y.T, beta=-1.0, alpha=2.0)
+            logits = logits.sub_(q_norms[pos][:, None]).mul_(inv_two_sigma2).double().cpu()  # (U, P)
+            logits[torch.from_numpy(_counted(chunk[img_idx] * npos + at, known_keys[pos.numpy()]))] = -math.inf
+            log_mass[pos] = torch.logaddexp(log_mass[pos], torch.logsumexp(logits + torch.from_numpy(pair_w)[None], -1))
+    return log_mass
     every_image = guide.free <= size
     if every_image:  # each non-candidate stands for itself
         ids, log_w = non_candidates(guide.cand, np.arange(guide.free)), np.zeros(guide.free)

@@ -109,3 +109,16 @@ def test_with_an_exhaustive_outside_sample_candidates_score_exactly(crops):
         assert len(ids) == 6
         np.testing.assert_allclose(vals, exact[ti, q, ids], rtol=2e-6)  # patch vectors are read as float32
         assert 0 < got.outside_mass[ti, q].min() and got.outside_mass[ti, q].max() < 1
+
+
+def test_chunked_reading_gives_the_same_estimate(crops):
+    """A memory budget of a few images per chunk changes how the sample is read, not the estimate's
+    exact part; the sampled part stays unbiased (same draws of images, positions drawn per chunk)."""
+    corpus, queries = crops
+    sc = Scale(3)
+    qp = extract_patches(queries[:1].double(), sc)[0]
+    none = np.full((qp.shape[0], 1), -1)
+    args = (CorpusView(corpus), qp, layout_groups(10, sc), sc, 0.9, 1.0, none, none)
+    whole = estimate_outside(*args, 10**6, Guide(len(corpus), np.array([4])), np.random.default_rng(0))
+    chunked = estimate_outside(*args, 10**6, Guide(len(corpus), np.array([4])), np.random.default_rng(0), budget=4 * 3 * 10 * 10 * 3)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
