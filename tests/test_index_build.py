@@ -79,7 +79,7 @@ def test_auto_choice_by_class_size_and_budget():
     # a scale whose float32 vectors fit in B/2: exact up to 65,536 vectors per class, IVF-Flat above
     small, edge, mid = class_specs([65_536, 130_000, 3_000_000], 147, g8)
     assert small.factory == "Flat" and small.exact
-    assert edge.factory == "IVF1024,Flat" and edge.nprobe == 16 and not edge.exact
+    assert edge.factory == "IVF1024,Flat" and edge.nprobe == 32 and not edge.exact
     assert mid.tier == "ivf-flat" and mid.nlist == auto_nlist(3_000_000) == 8192 and 39 * mid.nlist <= mid.train_size
     assert mid.factory == "IVF8192_HNSW32,Flat" and mid.nprobe == 32
     # 100k images of 32x32 at 14:2: 144 corner classes of 100k, 24 edges of 1.9M, interior 36.1M

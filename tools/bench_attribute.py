@@ -163,11 +163,12 @@ def speed(args) -> None:
         store, queries = corpus(n, max(args.batch), work)
         index, build_s = index_for(store, ["7"], work, args.factory, args.stride, args.classes)
         att = Attributor(index, CorpusView(Store.open(store.path)), index.scales, thumbs=index.thumbnails())
-        att.attribute(queries[:1], 100, topk=100, maps=0, **({"candidates": args.candidates} if args.candidates else {}))  # warm-up: page cache
+        kw = {"nprobe": args.nprobe, **({"candidates": args.candidates} if args.candidates else {})}
+        att.attribute(queries[:1], 100, topk=100, maps=0, **kw)  # warm-up: page cache
         row = {"n": n, "build_s": build_s}
         for b in args.batch:
             t0 = time.perf_counter()
-            att.attribute(queries[:b], 100, topk=100, maps=0, **({"candidates": args.candidates} if args.candidates else {}))
+            att.attribute(queries[:b], 100, topk=100, maps=0, **kw)
             row[f"index_s_per_query_b{b}"] = (time.perf_counter() - t0) / b
         t0 = time.perf_counter()
         exact_scores(store, queries[: args.exact_queries], timesteps=100, scales=["7"], topk=100, precision="float32")
@@ -182,8 +183,8 @@ def speed(args) -> None:
 
     b1, bmax = f"index_s_per_query_b{args.batch[0]}", f"index_s_per_query_b{args.batch[-1]}"
     lines = ["## Index path vs exact: time against N (tools/bench_attribute.py speed)", "",
-             f"`python tools/bench_attribute.py speed --sizes {' '.join(map(str, args.sizes))}` on {machine()}.",
-             f"p = 7, t = 100, topk 100, K = 1024, M = {args.candidates or DEFAULT_CANDIDATES}, index factory `{args.factory}`, candidate stride {args.stride}, classes {args.classes}; one run, so the ratios are the figures to read.", "",
+             f"`python tools/bench_attribute.py speed --sizes {' '.join(map(str, args.sizes))}{f' --nprobe {args.nprobe}' if args.nprobe else ''}` on {machine()}.",
+             f"p = 7, t = 100, topk 100, K = 1024, M = {args.candidates or DEFAULT_CANDIDATES}, nprobe {args.nprobe or 'of each index'}, index factory `{args.factory}`, candidate stride {args.stride}, classes {args.classes}; one run, so the ratios are the figures to read.", "",
              f"| N | index s/query (batch {args.batch[0]}) | queries/s (batch {args.batch[0]}) | index s/query (batch {args.batch[-1]}) | queries/s (batch {args.batch[-1]}) | exact s/query | exact / index |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -219,6 +220,7 @@ def main() -> None:
     s.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     s.add_argument("--exact-queries", type=int, default=1)
     s.add_argument("--candidates", type=int, default=None, help="M (default: the library default)")
+    s.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's manifest)")
     args = ap.parse_args()
     fidelity(args) if args.cmd == "fidelity" else speed(args)
 

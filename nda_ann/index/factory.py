@@ -83,15 +83,17 @@ def auto_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists probed by default: nlist / 256, within [16, 256].
+    """Lists probed by default: 32 (all of them below 32 lists).
 
-    Chosen for attribution, which needs candidate images, not every neighbour (BENCHMARKS.md
-    "sweep_5000"): on 5,000 crops (IVF8192 interior) at t = 100, K = 1,024, M = 200, nprobe 32 gave
-    top-10 overlap 0.98 and subset-sum Spearman 0.998 against 1.00 / 0.998 at nprobe 128, in 0.6x
-    the time. Recall (tools/bench_build.py --recall): IVF2048,Flat over 406k real 7x7 patches,
-    noisy t = 100 queries, 100-recall@100 = 0.93 / 0.98 / 0.996 at nprobe 8 / 16 / 32.
+    A constant, so that with nlist ~ 4 sqrt(n) the vectors scanned grow as sqrt(n), not as n: at
+    20,000 images (IVF16384 interior) nlist / 256 = 64 lists made a query 4.8 s, 32 lists 3.0 s.
+    Attribution needs candidate images, not every neighbour (BENCHMARKS.md
+    "bench_attribute_fidelity_5000"): on 5,000 crops (IVF8192 interior) at t = 100, K = 1,024,
+    M = 500, nprobe 16 / 32 / 64 gave top-10 overlap 0.98 / 0.98 / 1.00 and subset-sum Spearman
+    0.999 / 0.999 / 1.000. Recall (tools/bench_build.py --recall): IVF2048,Flat over 406k real 7x7
+    patches, noisy t = 100 queries, 100-recall@100 = 0.93 / 0.98 / 0.996 at nprobe 8 / 16 / 32.
     """
-    return int(min(nlist, max(16, min(256, nlist // 256))))
+    return int(min(nlist, 32))
 
 
 def train_size_for(n: int, nlist: int, d: int, budget: int) -> int:
