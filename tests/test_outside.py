@@ -122,3 +122,11 @@ def test_chunked_reading_gives_the_same_estimate(crops):
     whole = estimate_outside(*args, 10**6, Guide(len(corpus), np.array([4])), np.random.default_rng(0))
     chunked = estimate_outside(*args, 10**6, Guide(len(corpus), np.array([4])), np.random.default_rng(0), budget=4 * 3 * 10 * 10 * 3)
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
+
+
+def test_bad_outside_sample_is_named(crops):
+    corpus, queries = crops
+    att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="outside_sample"):
+            att.attribute(queries, 100, k=4, candidates=3, outside_sample=bad)

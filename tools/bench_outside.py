@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--work", default="results/bench")
     ap.add_argument("--million", default=None, help="tools/million.py work folder: use its index, queries and exact scores")
     ap.add_argument("--size", default="100k")
+    ap.add_argument("--index", default=None, help="with --million: another index of the same store (default: the run's)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -99,12 +100,13 @@ def main() -> None:
         work = Path(args.million)
         done = [q for q in range(million.QUERIES) if (work / f"exact-{args.size}-q{q}.npy").exists()]
         exact = np.stack([np.load(work / f"exact-{args.size}-q{q}.npy") for q in done])
-        base = Attributor.open(million.work_paths(work, args.size)["index"])
+        base = Attributor.open(args.index or million.work_paths(work, args.size)["index"])
         att = OracleAttributor(base.searcher, base.corpus, base.scales, thumbs=base._thumbs)
         queries, t, settings = million.queries()[done], 100, {**million.SERVE, "candidates": args.m}
         log_z = None
         label = f"million run, {args.size}, t = 100, M = {args.m}, K = {settings['k']}, nprobe {settings['nprobe']}"
-        cmd = f"python tools/bench_outside.py --million WORK --size {args.size} --m {args.m}"
+        label += f", index {Path(args.index).name}" if args.index else ""
+        cmd = f"python tools/bench_outside.py --million WORK --size {args.size} --m {args.m}" + (f" --index WORK/{Path(args.index).name}" if args.index else "")
     else:
         from bench_attribute import corpus, exact_cached, index_for
 
@@ -156,7 +158,7 @@ def main() -> None:
              "| estimator | top-10 | subset-sum | rel. L1 | outside | s/query |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['estimator']} | {r['top10_overlap']:.2f} | {r['subset_sum_spearman']:.3f} | {r['relative_l1']:.3f} | {r['outside']:.3f} | {r['s_per_query']:.2f} |")
-    name = f"outside_{args.size}" if args.million else f"outside_{args.n}_t{t}"
+    name = (f"outside_{args.size}" + (f"_{Path(args.index).name}" if args.index else "")) if args.million else f"outside_{args.n}_t{t}"
     update_section(name, "\n".join(lines))
 
 
