@@ -322,9 +322,11 @@ class Attributor:
                     if len(cand) > m_t:
                         proxy = self._proxy_scores(q, cand, noisy, s, sigma2, weights, noise_draws, dtype)
                         cand = np.sort(cand[np.argsort(-proxy, kind="stable")[:m_t]])
-                    known = self._known_logits(q, cand, hits, noisy, s, sigma2)
-                    sampled = self._sample_outside(q, cand, known, noisy, s, sigma2, dtype, outside_sample, (seed, t), mass)
-                    ids, vals, maps_q, outside, log_zs = self._rescore(q, cand, self._retrieved_outside(known), sampled, noisy, s, sigma2, weights, noise_draws, topk, dtype, maps)
+                    # this query's noised patch vectors per (draw, scale), (1, L, D) in the dense dtype
+                    qps = {key: extract_patches(noisy[key[0]][q : q + 1].to(self.device, dtype), key[1]) for key in patches}
+                    known = self._known_logits(q, cand, hits, qps, s, sigma2)
+                    sampled = self._sample_outside(cand, known, qps, s, sigma2, outside_sample, (seed, t), mass)
+                    ids, vals, maps_q, outside, log_zs = self._rescore(cand, self._retrieved_outside(known), sampled, qps, s, sigma2, weights, noise_draws, topk, dtype, maps)
                     if tail:
                         ids, vals = self._add_tail(ids, vals, known, log_zs, weights, noise_draws)
                     result.kept_maps[(ti, q)] = maps_q
@@ -432,7 +434,7 @@ class Attributor:
         ids = np.nonzero(acc)[0]
         return ids, acc[ids]
 
-    def _known_logits(self, q: int, cand: np.ndarray, hits: dict, noisy: list[torch.Tensor], s: float, sigma2: float) -> dict:
+    def _known_logits(self, q: int, cand: np.ndarray, hits: dict, qps: dict, s: float, sigma2: float) -> dict:
         """Per (draw, scale): (logits (L, K') float64, image (L, K'), position (L, K')) of the
         retrieved patches of non-candidates, from exact distances; entries that are not such
         patches hold -inf / -1 / -1.
@@ -455,7 +457,7 @@ class Attributor:
             exact = np.full(img.shape, np.inf, dtype=np.float64)
             u_idx, k_idx = np.nonzero(keep)
             if len(u_idx):
-                qv = extract_patches(noisy[d][q : q + 1], sc)[0].double() / s  # (L, D), unscaled like the index
+                qv = qps[(d, sc)][0].double().cpu() / s  # (L, D), unscaled like the index
                 y = self.corpus.patch_vectors(img[u_idx, k_idx], pos[u_idx, k_idx], sc).double()  # (E, D)
                 exact[u_idx, k_idx] = (qv[torch.from_numpy(u_idx)] - y).square().sum(-1).numpy()
             out[(d, sc)] = (exact * scale_logit, np.where(keep, img, -1), np.where(keep, pos, -1))  # inf * negative = -inf where dropped
@@ -473,24 +475,23 @@ class Attributor:
         return {key: torch.logsumexp(torch.from_numpy(logits), -1) for key, (logits, _, _) in known.items()}
 
     # stage 2 -----------------------------------------------------------------------------
-    def _sample_outside(self, q, cand, known, noisy, s, sigma2, dtype, per_class, seed, mass) -> dict:
+    def _sample_outside(self, cand, known, qps, s, sigma2, size, seed, mass) -> dict:
         """Per (draw, scale): (L,) log of the estimated mass of the non-candidates' patches not
-        counted in ``known`` (``_known_logits``; outside.py). The draws depend only on (seed, t, draw, scale), not on the
-        query's place in its batch."""
-        if per_class <= 0 or len(cand) >= self.corpus.count:
+        counted in ``known`` (``_known_logits``; outside.py), from ``size`` sampled images. The draws
+        depend only on (seed, t, draw, scale), not on the query's place in its batch."""
+        if size <= 0 or len(cand) >= self.corpus.count:
             return {}
-        out = {}
         guide = Guide(self.corpus.count, cand, mass, GUIDE_SHARE)
-        for d in range(len(noisy)):
-            for si, sc in enumerate(self.scales):
-                qp = extract_patches(noisy[d][q : q + 1].to(self.device, dtype), sc)[0]
-                _, img, pos = known[(d, sc)]
-                rng = np.random.default_rng([*seed, d, si])
-                out[(d, sc)] = estimate_outside(self.corpus, qp, self.groups[sc], sc, s, 1.0 / (2.0 * sigma2), img, pos, per_class, guide, rng, self.budget)
+        out = {}
+        for (d, sc), qp in qps.items():
+            _, img, pos = known[(d, sc)]
+            rng = np.random.default_rng([*seed, d, self.scales.index(sc)])
+            out[(d, sc)] = estimate_outside(self.corpus, qp[0], self.groups[sc], sc, s, 1.0 / (2.0 * sigma2), img, pos, size, guide, rng, self.budget)
         return out
 
-    def _rescore(self, q, cand, retrieved_out, sampled, noisy, s, sigma2, weights, draws, topk, dtype, n_maps):
-        """Exact re-scoring of query q against every position of the candidate images.
+    def _rescore(self, cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype, n_maps):
+        """Exact re-scoring of one query (``qps``: its patch vectors per (draw, scale)) against every
+        position of the candidate images.
 
         The non-candidates' share of the softmax normaliser at each query position is
         ``retrieved_out`` (the exact mass of their retrieved patches) plus the sampled estimate of
@@ -505,7 +506,7 @@ class Attributor:
         for si, (sc, w) in enumerate(zip(self.scales, weights)):
             step = chunk_size(1, self.groups[sc], dtype, self.budget)
             for d in range(draws):
-                qp = extract_patches(noisy[d][q : q + 1].to(self.device, dtype), sc)
+                qp = qps[(d, sc)]
                 fulls, aggs = [], []
                 for lo in range(0, m, step):
                     imgs = self.corpus.take(cand[lo : lo + step]).to(self.device, dtype) * s

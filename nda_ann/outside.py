@@ -40,7 +40,7 @@ class Guide:
     """
 
     def __init__(self, n: int, cand: np.ndarray, mass: np.ndarray | None = None, share: float = 0.5):
-        self.n, self.cand, self.free = n, np.asarray(cand, dtype=np.int64), n - len(cand)
+        self.cand, self.free = np.asarray(cand, dtype=np.int64), n - len(cand)
         self.share = 0.0
         if mass is not None and share > 0:
             pi = np.asarray(mass, dtype=np.float64).copy()
@@ -138,31 +138,4 @@ def estimate_outside(
             logits = logits.sub_(q_norms[pos][:, None]).mul_(inv_two_sigma2).double().cpu()  # (U, P)
             logits[torch.from_numpy(_counted(chunk[img_idx] * npos + at, known_keys[pos.numpy()]))] = -math.inf
             log_mass[pos] = torch.logaddexp(log_mass[pos], torch.logsumexp(logits + torch.from_numpy(pair_w)[None], -1))
-    return log_mass
-    every_image = guide.free <= size
-    if every_image:  # each non-candidate stands for itself
-        ids, log_w = non_candidates(guide.cand, np.arange(guide.free)), np.zeros(guide.free)
-    else:
-        ids, log_w = guide.draw(size, rng)
-    view = patch_view(corpus.take(ids).to(dev, dtype) * s, scale)  # (S, G, G, C, m, m), no copy
-    grid = view.shape[1]
-    known_keys = np.where(known_image >= 0, known_image.astype(np.int64) * npos + known_position, -1)
-    q_norms = query_patches.square().sum(-1)
-    for group in groups:
-        pos = group.positions
-        if every_image and len(ids) * len(pos) <= size:  # every (image, position) pair of the class
-            img_idx = np.repeat(np.arange(len(ids)), len(pos))
-            at = np.tile(pos.numpy(), len(ids))
-            pair_w = log_w[img_idx]
-        else:  # one position per image drawn, standing for the class's |pos| positions
-            img_idx = np.arange(len(ids))
-            at = pos.numpy()[rng.integers(0, len(pos), len(ids))]
-            pair_w = log_w + math.log(len(pos))
-        at_t = torch.from_numpy(at)
-        y = view[torch.from_numpy(img_idx), at_t // grid, at_t % grid].reshape(len(at), -1)  # (P, D)
-        q = query_patches[pos]
-        logits = torch.addmm(y.square().sum(-1)[None], q, y.T, beta=-1.0, alpha=2.0)
-        logits = logits.sub_(q_norms[pos][:, None]).mul_(inv_two_sigma2).double().cpu()  # (U, P)
-        logits[torch.from_numpy(_counted(ids[img_idx] * npos + at, known_keys[pos.numpy()]))] = -math.inf
-        log_mass[pos] = torch.logsumexp(logits + torch.from_numpy(pair_w)[None], -1)
     return log_mass

@@ -59,17 +59,17 @@ class OracleAttributor(Attributor):
     exact: np.ndarray | None = None
 
     def _select_candidates(self, mass, noisy, q, s, m, share):
+        self._query = q  # the query _rescore is about to score (it is called next, for this q)
         if self.exact is None:
             return super()._select_candidates(mass, noisy, q, s, m, share)
         return np.sort(np.argsort(-self.exact[q], kind="stable")[:m])
 
-    def _rescore(self, q, cand, retrieved_out, sampled, noisy, s, sigma2, weights, draws, topk, dtype, n_maps):
+    def _rescore(self, cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype, n_maps):
         if self.log_z is None:
-            return super()._rescore(q, cand, retrieved_out, sampled, noisy, s, sigma2, weights, draws, topk, dtype, n_maps)
+            return super()._rescore(cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype, n_maps)
         sc = self.scales[0]
-        qp = extract_patches(noisy[0][q : q + 1].double(), sc)
-        full, agg = log_masses(qp, extract_patches(self.corpus.take(cand).double() * s, sc), self.groups[sc], 1 / (2 * sigma2), topk)
-        log_z = self.log_z[q]
+        full, agg = log_masses(qps[(0, sc)].double(), extract_patches(self.corpus.take(cand).double() * s, sc), self.groups[sc], 1 / (2 * sigma2), topk)
+        log_z = self.log_z[self._query]
         scores = torch.exp(agg[0] - log_z[:, None]).sum(0).numpy()
         outside = 1 - float(torch.exp(torch.logsumexp(full[0], -1) - log_z).mean())
         return cand, scores, {}, np.array([outside]), {(0, sc): log_z}

@@ -6,7 +6,7 @@
    the smallest such classes, whole groups of equal size smallest first, while their float32 fits
    in B/4. Past 65,536 vectors exhaustive search is what a query pays for: at 5,000 images of
    32 x 32, p = 7, the 12 edge classes (130k vectors each) searched exactly took 0.3 s of a
-   1.2 s query, while an IVF probing 16 of 1,024 lists scans 1/60 of them;
+   1.2 s query, while an IVF probing 32 of its 1,024 lists scans 1/32 of them;
 2. other classes with n <= 20M: ``IVF{nlist},Flat`` when 4 d N fits in B/2, else ``IVF{nlist},SQ8``;
 3. above 20M, ``PCA64,IVF{nlist},PQ32np``: PCA to 64 dims (147 = 3 x 7 x 7 splits badly into
    sub-vectors), 8-bit PQ with 2 dims per sub-quantizer, 32 bytes + the 8-byte IVF label.

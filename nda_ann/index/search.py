@@ -84,13 +84,14 @@ class PatchIndex:
                 identity: FolderIdentity | None = FolderIdentity(path)
             except OSError:
                 identity = None  # absent: read_manifest says so clearly
+            manifest = None
             try:
                 manifest = read_manifest(path)
                 check_files(path, manifest)
             except (IndexError_, OSError):
                 if identity is not None and identity.replaced():
                     continue
-                if _manifest_changed(path, locals().get("manifest")):  # an add published meanwhile
+                if _manifest_changed(path, manifest):  # an add published meanwhile
                     continue
                 raise
             if identity is not None and not identity.replaced():
