@@ -42,12 +42,13 @@ Mode = Literal["rescore", "fast"]
 # each query patch are re-measured exactly from the store's pixels
 TAIL_K = 32
 
-# Default M by noise level, from the measured curves (BENCHMARKS.md "tail_3000", "tail_5000",
-# "outside_5000"), tail scores on: at t = 100 (sigma^2 = 0.10) M = 200 gives top-10 overlap 0.95 /
-# 0.97 and subset-sum Spearman 0.997 / 0.997 on 3,000 / 5,000 crops; at t = 300 (sigma^2 = 0.61)
-# on 5,000 crops M = 500 gives 0.98 / 0.88 (the 58% of the mass outside the M caps subset-sum
-# even with exact candidates and normaliser) and M = 1,000 0.97 / 0.92.
-DEFAULT_CANDIDATES = 200            # sigma^2 < BROAD_SIGMA2
+# Default M by noise level, from the measured curves (BENCHMARKS.md "defaults_t100_3000" / "_5000",
+# "defaults_t300_*", "outside_5000"), tail scores on, 18 queries. At t = 100 (sigma^2 = 0.10)
+# M = 150 gives top-10 overlap 0.98 / 0.99 and subset-sum Spearman 0.997 / 0.996 on 3,000 / 5,000
+# crops (M = 120: 0.995 on 5,000, on the target's edge; M = 200: 0.997 for a third more dense work).
+# At t = 300 (sigma^2 = 0.61) on 5,000 crops M = 500 gives 0.93 / 0.87 (the 56% of the mass outside
+# the M caps subset-sum even with exact candidates and normaliser) and M = 1,000 0.98 / 0.92.
+DEFAULT_CANDIDATES = 150            # sigma^2 < BROAD_SIGMA2
 DEFAULT_CANDIDATES_BROAD = 1000     # sigma^2 >= BROAD_SIGMA2
 BROAD_SIGMA2 = 0.3
 # re-ranking of a candidate pool (``rerank`` x M images, by retrieved mass) by their exact mass at a
@@ -59,10 +60,14 @@ DEFAULT_RERANK = 1
 # non-candidate images sampled per query, scale and noise draw (one position of each per layout
 # class) to estimate the non-candidates' share of the normaliser (outside.py), half of them drawn
 # towards the images whose patches were retrieved (GUIDE_SHARE). Measured (BENCHMARKS.md
-# "outside_5000", "outside_100k"): on 5,000 crops at t = 300, M = 500 top-10 overlap 0.87 -> 0.98
-# against the earlier 32-image sample (oracle normaliser: 1.00); about 0.1 s per query.
-DEFAULT_OUTSIDE_SAMPLE = 2048
+# "outside_5000", "outside_100k", "defaults_t300_5000"): on 5,000 crops at t = 300,
+# M = 500 top-10 overlap 0.87 -> 0.98 against the earlier 32-image sample (oracle normaliser: 1.00),
+# the same from 512 to 8,192 images; 18 queries at M = 1,000: 0.96 / 0.922 at 512 and 2,048 alike.
+# About 0.03 s per query at 512 (0.1 s at 2,048).
+DEFAULT_OUTSIDE_SAMPLE = 512
 GUIDE_SHARE = 0.5
+# queries searched at once (their hits are QUERY_BLOCK x L x K x 20 bytes: 168 MB at 32 x 32, K = 1,024)
+QUERY_BLOCK = 8
 RERANK_STRIDE = 3
 
 
@@ -274,7 +279,7 @@ class Attributor:
         the estimated mass outside the M candidates per query and scale. ``tail`` (default on; None
         means the default) scores non-candidates by their retrieved patches; ``candidates`` None
         means ``default_candidates(sigma^2)`` per timestep; ``rerank`` > 1 re-ranks a pool of
-        rerank x M candidates (``_proxy_scores``); ``outside_sample`` (None: 2,048) non-candidate
+        rerank x M candidates (``_proxy_scores``); ``outside_sample`` (None: 512) non-candidate
         images, one position each per layout class, estimate the non-candidates' share of the
         normaliser.
         """
@@ -310,31 +315,43 @@ class Attributor:
         for ti, t in enumerate(ts):
             s, sigma2 = sched.signal_and_noise(t)
             noisy = [noise_images(queries, t, sched, seed, d) for d in range(noise_draws)]  # each (Q, C, H, W)
-            patches = {(d, sc): extract_patches(noisy[d], sc) for d in range(noise_draws) for sc in self.scales}
-            hits = {key: self.searcher.search(key[1], (p / s).numpy(), k, nprobe) for key, p in patches.items()}
-            for q in range(nq):
-                if mode == "fast":
-                    ids, vals = self._fast_scores(q, hits, s, sigma2, weights, noise_draws, topk)
-                else:
-                    mass = self._candidate_mass(q, hits, s, sigma2, weights, noise_draws)
-                    m_t = min(m_per_t[ti], n)
-                    cand = self._select_candidates(mass, noisy, q, s, min(m_t * int(rerank), n), settings.thumbnail_share_at(t, sched))
-                    if len(cand) > m_t:
-                        proxy = self._proxy_scores(q, cand, noisy, s, sigma2, weights, noise_draws, dtype)
-                        cand = np.sort(cand[np.argsort(-proxy, kind="stable")[:m_t]])
-                    # this query's noised patch vectors per (draw, scale), (1, L, D) in the dense dtype
-                    qps = {key: extract_patches(noisy[key[0]][q : q + 1].to(self.device, dtype), key[1]) for key in patches}
-                    known = self._known_logits(q, cand, hits, qps, s, sigma2)
-                    sampled = self._sample_outside(cand, known, qps, s, sigma2, outside_sample, (seed, t), mass)
-                    ids, vals, maps_q, outside, log_zs = self._rescore(cand, self._retrieved_outside(known), sampled, qps, s, sigma2, weights, noise_draws, topk, dtype, maps)
-                    if tail:
-                        ids, vals = self._add_tail(ids, vals, known, log_zs, weights, noise_draws)
-                    result.kept_maps[(ti, q)] = maps_q
-                    result.outside_mass[ti, q] = outside
-                result.sparse[(ti, q)] = (ids, vals)
-                bar.update(1)
+            for lo in range(0, nq, QUERY_BLOCK):
+                # search a block of queries at once: the (block, L, K) hits stay small (64 queries at
+                # once took 1.3 GB and ran 20% slower per query than one at a time)
+                block = range(lo, min(lo + QUERY_BLOCK, nq))
+                patches = {(d, sc): extract_patches(noisy[d][block.start : block.stop], sc) for d in range(noise_draws) for sc in self.scales}
+                hits = {key: self.searcher.search(key[1], (p / s).numpy(), k, nprobe) for key, p in patches.items()}
+                for q in block:
+                    ids, vals = self._attribute_one(q, q - lo, hits, noisy, ti, t, sched, m_per_t[ti], weights, settings, dtype, result)
+                    result.sparse[(ti, q)] = (ids, vals)
+                    bar.update(1)
         bar.close()
         return result
+
+    def _attribute_one(self, q: int, b: int, hits: dict, noisy: list[torch.Tensor], ti: int, t: int, sched: NoiseSchedule,
+                       m: int, weights: list[float], settings: AttributionSettings, dtype: torch.dtype, result: Attribution):
+        """(ids, scores) of query ``q`` (row ``b`` of its block's ``hits``) at timestep ``t`` (index
+        ``ti``); stores its heatmaps and mass outside the candidates in ``result``."""
+        draws, n = settings.noise_draws, self.corpus.count
+        s, sigma2 = sched.signal_and_noise(t)
+        if settings.mode == "fast":
+            return self._fast_scores(b, hits, s, sigma2, weights, draws, settings.topk)
+        mass = self._candidate_mass(b, hits, s, sigma2, weights, draws)
+        m_t = min(m, n)
+        cand = self._select_candidates(mass, noisy, q, s, min(m_t * settings.rerank, n), settings.thumbnail_share_at(t, sched))
+        if len(cand) > m_t:
+            proxy = self._proxy_scores(q, cand, noisy, s, sigma2, weights, draws, dtype)
+            cand = np.sort(cand[np.argsort(-proxy, kind="stable")[:m_t]])
+        # this query's noised patch vectors per (draw, scale), (1, L, D) in the dense dtype
+        qps = {key: extract_patches(noisy[key[0]][q : q + 1].to(self.device, dtype), key[1]) for key in hits}
+        known = self._known_logits(b, cand, hits, qps, s, sigma2)
+        sampled = self._sample_outside(cand, known, qps, s, sigma2, settings.outside_sample, (settings.seed, t), mass)
+        ids, vals, maps_q, outside, log_zs = self._rescore(cand, self._retrieved_outside(known), sampled, qps, s, sigma2, weights, draws, settings.topk, dtype, settings.maps)
+        if settings.tail:
+            ids, vals = self._add_tail(ids, vals, known, log_zs, weights, draws)
+        result.kept_maps[(ti, q)] = maps_q
+        result.outside_mass[ti, q] = outside
+        return ids, vals
 
     # stage 1 -----------------------------------------------------------------------------
     def _softmax_over_retrieved(self, dist: np.ndarray, s: float, sigma2: float) -> torch.Tensor:

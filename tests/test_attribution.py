@@ -209,3 +209,25 @@ def test_patch_vectors_read_from_the_store_equal_extract_patches(crops, tmp_path
     for view in (store_view, CorpusView(store_view.take(np.arange(len(corpus))))):
         got = view.patch_vectors(ids, pos, sc)
         torch.testing.assert_close(got, full[torch.from_numpy(ids), torch.from_numpy(pos)], rtol=0, atol=1e-6)
+
+
+def test_queries_searched_in_blocks_score_as_one_at_a_time(crops, monkeypatch):
+    """Blocking the search (QUERY_BLOCK) changes no score, map or outside mass: 5 queries in blocks of 2
+    (the last block short) against each query attributed alone. (Float32 search distances may differ
+    in the last bit with the batch's shape, so: to float32 rounding.)"""
+    import nda_ann.attribution as attribution
+
+    corpus, queries = crops
+    five = torch.cat([queries, queries.flip(-1), queries[:1].flip(-2)])
+    att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
+    kw = dict(k=16, candidates=6, topk=4, maps=2, outside_sample=8)
+    monkeypatch.setattr(attribution, "QUERY_BLOCK", 2)
+    together = att.attribute(five, [100, 300], **kw)
+    for q in range(len(five)):
+        alone = att.attribute(five[q : q + 1], [100, 300], **kw)
+        np.testing.assert_allclose(together.scores[:, q], alone.scores[:, 0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(together.outside_mass[:, q], alone.outside_mass[:, 0], rtol=1e-5, atol=1e-7)
+        for t in (100, 300):
+            top = alone.top(0, 1, timestep=t)[0][0]
+            assert together.top(q, 1, timestep=t)[0][0] == top
+            np.testing.assert_allclose(together.heatmap(q, top, timestep=t), alone.heatmap(0, top, timestep=t), rtol=1e-5, atol=1e-7)

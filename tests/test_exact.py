@@ -140,11 +140,16 @@ def test_bad_arguments_are_named(rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_largest_equals_topk(rng, dtype):
-    from nda_ann.dense import largest
+def test_largest_equals_topk_and_keeps_each_row_s_values(rng, dtype):
+    from nda_ann.dense import largest_
 
     x = torch.from_numpy(rng.normal(size=(7, 5, 40))).to(dtype)
     x[0, 0, :10] = 3.0  # ties
-    got = largest(x, 12).sort(-1).values
-    want = x.topk(12, dim=-1).values.sort(-1).values
+    before = x.clone()
+    got = largest_(x, 12).sort(-1).values
+    want = before.topk(12, dim=-1).values.sort(-1).values
     assert got.shape == (7, 5, 12) and torch.equal(got, want)
+    # in place on the CPU: each row reordered, its values (and so its logsumexp) unchanged
+    assert torch.equal(x.sort(-1).values, before.sort(-1).values)
+    got[:] = 0  # a new tensor, not a view of x
+    assert torch.equal(x.sort(-1).values, before.sort(-1).values)

@@ -124,7 +124,7 @@ def sweep_table(work: Path, size: str) -> list[str]:
     return lines
 
 
-def past_one_machine(data: list[dict]) -> list[str]:
+def past_one_machine(data: list[dict], m: int) -> list[str]:
     """The route past one machine, in figures scaled from the largest measured run."""
     big = next((r for r in reversed(data) if r["build_s"] and r["index_bytes"]), None)
     if big is None:
@@ -152,7 +152,7 @@ def past_one_machine(data: list[dict]) -> list[str]:
              f"({l_pos} x K x 12 B: {l_pos * k * 12 / 1e6:.1f} MB at K = {k}, {l_pos * 256 * 12 / 1e6:.1f} MB at K = 256). The coordinator "
              f"merges them per query patch into the global K nearest (the same result as one index over everything, as "
              f"`PatchIndex` already does across shards), ranks candidate images, and fetches the M candidates' pixels "
-             f"(M x 3 KB: 0.6 MB at M = 200) plus the outside sample from the nodes that hold them.",
+             f"(M x 3 KB: {m * 3072 / 1e6:.1f} MB at M = {m}) plus the outside sample from the nodes that hold them.",
              f"- **Re-scoring** stays on one machine and is flat in N: the same {big['query_s']:.1f} s per query image as at {n:,} "
              "(table above), or a GPU's fraction of it. Node search time stays flat while each node's lists keep their length "
              "(nlist grows with the shard), so the query time is that plus one network round trip per query batch.",
@@ -176,7 +176,7 @@ def report(work: Path, sizes: dict[str, int], serve: dict) -> None:
              ", one timestep, batch 1, in a fresh process with the index memory-mapped. Exact = the exact scorer (float32) on the same 4 held-out queries and noise. "
              "Several stages ran side by side on the 2 cores, so times are upper bounds; the ratios within a row are the figures to read.", "",
              *table(data), "", "![million](docs/million.png)", "", *configs_table(work, "5k"), "", *sweep_table(work, "100k"), "",
-             *sweep_table(work, "5k"), "", *past_one_machine(data)]
+             *sweep_table(work, "5k"), "", *past_one_machine(data, serve["candidates"])]
     update_section("million_run", "\n".join(lines))
     plot(data, ROOT / "docs" / "million.png")
     print("\n".join(lines))
