@@ -84,13 +84,16 @@ def test_auto_choice_by_class_size_and_budget():
     assert mid.factory == "IVF8192_HNSW32,Flat" and mid.nprobe == 32
     # 100k images of 32x32 at 14:2: 144 corner classes of 100k, 24 edges of 1.9M, interior 36.1M
     specs = class_specs([100_000] * 144 + [1_900_000] * 24 + [36_100_000], 147, g8)
-    assert {s.factory for s in specs[:144]} == {"IVF1024,SQ8"}  # 144 x 59 MB of Flat would exceed B/4
-    assert specs[144].tier == "ivf-sq8" and specs[144].code_bytes == 155
+    # 144 x 59 MB of Flat would exceed B/4; SQ8 codes padded to 160 dims for FAISS's SIMD scan
+    assert {s.factory for s in specs[:144]} == {"Pad160,IVF1024,SQ8"}
+    assert specs[144].tier == "ivf-sq8" and specs[144].code_bytes == 168
     big = specs[-1]
     assert big.tier == "ivf-pq" and big.factory == "PCA64,IVF32768_HNSW32,PQ32np" and big.code_bytes == 40
     # at p = 7 and 50k images the 36 corner classes (1.1 GB of float32) fit in B/4 and stay exact
     p7 = class_specs([50_000] * 36 + [1_300_000] * 12 + [33_800_000], 147, g8)
-    assert {s.factory for s in p7[:36]} == {"Flat"} and p7[36].factory == "IVF4096_HNSW32,SQ8"
+    assert {s.factory for s in p7[:36]} == {"Flat"} and p7[36].factory == "Pad160,IVF4096_HNSW32,SQ8"
+    # a dimension already a multiple of 16 is not padded (p = 4 with f = 2: 2 x 2 x 3 = 12 -> 16; 8:2 -> 48)
+    assert class_specs([3_000_000], 48, 1 << 20)[0].factory == "IVF8192_HNSW32,SQ8"
     assert class_specs([1000], 147, g8, "IVF1024,Flat")[0].factory == "Flat"  # too few to train 1024 lists
     with pytest.raises(InputError, match="unknown or unusable FAISS factory"):
         class_specs([1000], 147, g8, "IVF12,Blah")

@@ -35,6 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+from warm import warm_page_cache  # noqa: E402
+
 SIZES = {"5k": 5_000, "100k": 100_000, "300k": 300_000, "1m": 1_000_000}
 SHARD = 50_000
 RECIPE = ROOT / "indexes" / "million.toml"
@@ -134,19 +136,6 @@ def stage_build(work: Path, size: str, args) -> None:
     vectors = sum(sum(s["ntotal"]) for e in manifest["scales"] for s in e["shards"])
     record(work, "build", size, {**out, "bytes": dir_bytes(p["index"]), "vectors": vectors,
                                  "factories": manifest["scales"][0]["factories"]})
-
-
-def warm_page_cache(paths: list[Path]) -> tuple[int, float]:
-    """Read every file under ``paths`` once, as a long-running server has them in the page cache
-    (a separate read: it adds nothing to the serving process's RSS). Returns (bytes, seconds)."""
-    t0, total = time.perf_counter(), 0
-    for root in paths:
-        for f in sorted(root.rglob("*")):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    while chunk := fh.read(64 << 20):
-                        total += len(chunk)
-    return total, time.perf_counter() - t0
 
 
 def stage_serve(work: Path, size: str, args) -> None:

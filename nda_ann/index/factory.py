@@ -7,7 +7,11 @@
    in B/4. Past 65,536 vectors exhaustive search is what a query pays for: at 5,000 images of
    32 x 32, p = 7, the 12 edge classes (130k vectors each) searched exactly took 0.3 s of a
    1.2 s query, while an IVF probing 32 of its 1,024 lists scans 1/32 of them;
-2. other classes with n <= 20M: ``IVF{nlist},Flat`` when 4 d N fits in B/2, else ``IVF{nlist},SQ8``;
+2. other classes with n <= 20M: ``IVF{nlist},Flat`` when 4 d N fits in B/2, else ``IVF{nlist},SQ8``
+   on vectors zero-padded to a multiple of 16 dims (``Pad160`` at d = 147; distances unchanged):
+   FAISS scans SQ codes with SIMD only when d is a multiple of 8 or 16, and at d = 147 its scalar
+   fallback took 1.07 s where Pad160 took 0.21 s (676 queries, k = 1,024, nprobe 32 of 1,024 lists
+   over 400k vectors, 2 cores; IVF-Flat: 0.31 s);
 3. above 20M, ``PCA64,IVF{nlist},PQ32np``: PCA to 64 dims (147 = 3 x 7 x 7 splits badly into
    sub-vectors), 8-bit PQ with 2 dims per sub-quantizer, 32 bytes + the 8-byte IVF label.
 
@@ -38,6 +42,7 @@ POINTS_PER_CENTROID = 64
 MAX_POINTS_PER_CENTROID = 256
 HNSW_FROM = 4096
 IVF_ID_BYTES = 8  # FAISS inverted lists store an int64 label next to every code
+SIMD_DIMS = 16  # FAISS scans SQ codes with SIMD only when d is a multiple of 8 (AVX2) / 16 (AVX-512)
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,15 @@ def pq_factory(d: int) -> str:
     ``np``: no polysemous training (it only serves Hamming filtering, and costs minutes).
     """
     if d <= 64:
-        return "IVF{nlist},SQ8"
+        return sq8_factory(d)
     return "PCA64,IVF{nlist},PQ32np"
+
+
+def sq8_factory(d: int) -> str:
+    """IVF with SQ8 codes, the vectors zero-padded to a multiple of SIMD_DIMS (rule 2 of the module
+    docstring): the padded dims are 0 in every vector and query, so distances are unchanged."""
+    padded = -(-d // SIMD_DIMS) * SIMD_DIMS
+    return "IVF{nlist},SQ8" if padded == d else f"Pad{padded},IVF{{nlist}},SQ8"
 
 
 def with_quantizer(factory: str, nlist: int) -> str:
@@ -138,7 +150,7 @@ def auto_factory(n: int, d: int, flat: bool, raw_fits: bool) -> str:
     if flat:
         return "Flat"
     if n <= IVF_MAX:
-        return "IVF{nlist},Flat" if raw_fits else "IVF{nlist},SQ8"
+        return "IVF{nlist},Flat" if raw_fits else sq8_factory(d)
     return pq_factory(d)
 
 
