@@ -68,7 +68,7 @@ class LdsConfig:
     nda_seed: int = 0
     # index NDA (Attributor + TorchFlatSearch, default k and M) ------------------------------
     index_k: int = 1024
-    index_candidates: tuple[int, ...] = (200, 26)  # the default M, and M = N / 10
+    index_candidates: tuple[int, ...] = (200, 26)  # M = 200 (the default when the figures were measured), and M = N / 10
     # baselines ---------------------------------------------------------------------------
     trak: bool = True
     trak_dim: int = 256
