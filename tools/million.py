@@ -43,10 +43,11 @@ RECIPE = ROOT / "indexes" / "million.toml"
 QUERIES = 4
 # attribution settings of the million-image configuration (the serve stage and the CLI example)
 # K = 256: on 5k crops the same fidelity as K = 1,024 (configs/sweep tables), and a third less search.
-# M = 400: at 100k it lifts subset-sum Spearman 0.43 -> 0.53 over M = 200 (top-10 overlap unchanged)
-# for about 0.35 s more per query, inside the 2 s budget at 1M; M = 800 gives 0.63 / 0.64 but
-# 2.7 s per query at 100k (records/fidelity-100k.json, BENCHMARKS.md "Reading the million-image run").
-SERVE = {"k": 256, "candidates": 400, "nprobe": 16, "topk": 100, "tail": True}
+# M = 300: at 100k M = 400 lifts subset-sum Spearman 0.43 -> 0.52 over M = 200 (top-10 overlap
+# unchanged) but made 1M queries 1.6 - 2.3 s, at the 2 s budget; M = 300 keeps headroom. M = 800
+# gives 0.55 / 0.64 at 2.4 s per query at 100k (records/fidelity-100k.json, BENCHMARKS.md
+# "Reading the million-image run").
+SERVE = {"k": 256, "candidates": 300, "nprobe": 16, "topk": 100, "tail": True}
 # 5k: 245k interior vectors cannot train the recipe's 8,192 lists; the auto nlist rule gives 2,048
 FACTORY_OVERRIDE = {"5k": ["--factory", "PCA64,IVF{nlist},SQ8"]}
 
@@ -299,7 +300,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--exact-max", type=int, default=100_000, help="largest corpus scored exactly")
     ap.add_argument("--variants", type=json.loads, default=[
-        {"k": 1024}, {"candidates": 200}, {"candidates": 800}, {"nprobe": 8}, {"nprobe": 64}, {"tail": False},
+        {"k": 1024}, {"candidates": 200}, {"candidates": 400}, {"candidates": 800}, {"nprobe": 8}, {"nprobe": 64}, {"tail": False},
         {"rerank": 4}])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
