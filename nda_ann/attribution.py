@@ -317,7 +317,7 @@ class Attributor:
         result.outside_mass = np.zeros((len(ts), nq, len(self.scales)))
         bar = tqdm(total=len(ts) * nq, unit="query", desc="attribute", disable=not progress)
         for ti, t in enumerate(ts):
-            s, sigma2 = sched.signal_and_noise(t)
+            s = sched.signal_and_noise(t)[0]
             noisy = [noise_images(queries, t, sched, seed, d) for d in range(noise_draws)]  # each (Q, C, H, W)
             for lo in range(0, nq, QUERY_BLOCK):
                 # search a block of queries at once: the (block, L, K) hits stay small (64 queries at

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nda_ann.attribution as attribution  # noqa: E402
+from bench_attribute import summarize  # noqa: E402
 from nda_ann import Attributor, Store  # noqa: E402
 from nda_ann.dense import log_masses  # noqa: E402
-from nda_ann.fidelity import fidelity_table  # noqa: E402
 from nda_ann.inputs import CorpusView  # noqa: E402
 from nda_ann.patches import extract_patches  # noqa: E402
 from nda_ann.schedule import NoiseSchedule, noise_images  # noqa: E402
@@ -73,11 +73,6 @@ class OracleAttributor(Attributor):
         scores = torch.exp(agg[0] - log_z[:, None]).sum(0).numpy()
         outside = 1 - float(torch.exp(torch.logsumexp(full[0], -1) - log_z).mean())
         return cand, scores, {}, np.array([outside]), {(0, sc): log_z}
-
-
-def mean_fidelity(approx: np.ndarray, exact: np.ndarray) -> dict[str, float]:
-    rows = fidelity_table(approx[None], exact[None])
-    return {k: float(np.mean([r[k] for r in rows])) for k in ("top10_overlap", "subset_sum_spearman", "relative_l1")}
 
 
 def main() -> None:
@@ -130,7 +125,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = att.attribute(queries, t, maps=0, outside_sample=sample, **settings)
         secs = (time.perf_counter() - t0) / len(queries)
-        rows.append({"estimator": name, "s_per_query": secs, "outside": float(res.outside_mass.mean()), **mean_fidelity(res.scores[0], exact)})
+        rows.append({"estimator": name, "s_per_query": secs, "outside": float(res.outside_mass.mean()), **summarize(res.scores[0], exact)})
         print(json.dumps(rows[-1]), flush=True)
 
     for size in args.samples:
