@@ -70,8 +70,11 @@ DEFAULT_RERANK = 1
 # About 0.03 s per query at 512 (0.1 s at 2,048).
 DEFAULT_OUTSIDE_SAMPLE = 512
 GUIDE_SHARE = 0.5
-# queries searched at once (their hits are QUERY_BLOCK x L x K x 20 bytes: 168 MB at 32 x 32, K = 1,024)
-QUERY_BLOCK = 8
+# queries searched at once (their hits are QUERY_BLOCK x L x K x 20 bytes: 21 MB a query at 32 x 32,
+# K = 1,024). One at a time is fastest on the CPU: with SQ8pixel codes at 5,000 images, 8 queries took
+# 0.68 / 0.70 s each one at a time, 0.68 s in blocks of 2 and 0.74 / 0.77 s in blocks of 8 (FAISS's
+# 5,408 result heaps at once); 64 at once held 1.3 GB. Searchers that batch better may raise it.
+QUERY_BLOCK = 1
 RERANK_STRIDE = 3
 
 
@@ -320,8 +323,7 @@ class Attributor:
             s = sched.signal_and_noise(t)[0]
             noisy = [noise_images(queries, t, sched, seed, d) for d in range(noise_draws)]  # each (Q, C, H, W)
             for lo in range(0, nq, QUERY_BLOCK):
-                # search a block of queries at once: the (block, L, K) hits stay small (64 queries at
-                # once took 1.3 GB and ran 20% slower per query than one at a time)
+                # search a block of queries at once (QUERY_BLOCK: one, on the CPU)
                 block = range(lo, min(lo + QUERY_BLOCK, nq))
                 patches = {(d, sc): extract_patches(noisy[d][block.start : block.stop], sc) for d in range(noise_draws) for sc in self.scales}
                 hits = {key: self.searcher.search(key[1], (p / s).numpy(), k, nprobe) for key, p in patches.items()}

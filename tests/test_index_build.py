@@ -95,6 +95,14 @@ def test_auto_choice_by_class_size_and_budget():
     # a dimension already a multiple of 16 is not padded (p = 4 with f = 2: 2 x 2 x 3 = 12 -> 16; 8:2 -> 48)
     assert class_specs([3_000_000], 48, 1 << 20)[0].factory == "IVF8192_HNSW32,SQ8"
     assert class_specs([1000], 147, g8, "IVF1024,Flat")[0].factory == "Flat"  # too few to train 1024 lists
+    # a pixel-grid scale (f = 1): lossless pixel codes instead of IVF-Flat or lossy SQ8, same for both budgets
+    for budget in (g8, 1 << 30):
+        small, edge, mid = class_specs([65_536, 130_000, 3_000_000], 147, budget, pixel_grid=True)
+        assert edge.factory == "Pad160,IVF1024,SQ8pixel" and mid.factory == "Pad160,IVF8192_HNSW32,SQ8pixel"
+        assert mid.tier == "ivf-sq8-pixel" and mid.code_bytes == 168 and not mid.exact
+    assert class_specs([65_536], 147, g8, pixel_grid=True)[0].factory == "Flat"
+    with pytest.raises(InputError, match="factor 1"):
+        class_specs([3_000_000], 147, g8, "IVF1024,SQ8pixel")
     with pytest.raises(InputError, match="unknown or unusable FAISS factory"):
         class_specs([1000], 147, g8, "IVF12,Blah")
     with pytest.raises(InputError, match="not a memory size"):

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -280,6 +281,48 @@ def test_interior_only_index_searches_interior_positions_like_brute_force_and_bo
     assert index.distances_exact(s)
     reopened = PatchIndex.open(tmp_path / "interior")  # class layouts are rebuilt from the manifest on open
     np.testing.assert_array_equal(reopened.search(s, q, k=6)[1], image)
+
+
+@pytest.mark.parametrize("factory", ["IVF1,SQ8pixel", "Pad80,IVF1,SQ8pixel"])
+def test_pixel_codes_are_lossless_so_an_exhaustive_ivf_returns_the_bruteforce_neighbours(corpus, tmp_path, factory):
+    """SQ8pixel's 256 levels are the pixel values: with every list probed, the neighbours and their
+    distances are brute force's, for every layout class (out-of-image dims are zero codes), with and
+    without padding, for noised queries off the pixel grid."""
+    _, store, images, queries = corpus
+    index = build_index(store, tmp_path / "px", ["5"], factory=factory, progress=False)
+    s = Scale(5)
+    assert all(c["factory"] == factory for c in index.manifest["scales"][0]["classes"])
+    noisy = to_float(queries) + 0.1 * np.random.default_rng(3).standard_normal(queries.transpose(0, 3, 1, 2).shape)
+    q = extract_patches(torch.from_numpy(noisy).float(), s).numpy()
+    got = index.search(s, q, k=9)
+    want = naive_search(to_float(images), noisy, 5, 1, k=9)
+    assert_same_neighbours(got, want, rtol=1e-5)
+    assert index.distances_exact(s)
+    assert any("lossless pixel codes" in a for a in index.manifest["scales"][0]["approximations"])
+    # the codes hold the pixels themselves: decoding a stored vector gives its patch back
+    interior = next(c for c in index.layouts(s) if c.kind == "interior")
+    sub = index._index(s, index.manifest["scales"][0]["shards"][0], interior)
+    ivf = faiss.extract_index_ivf(sub)
+    codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(0), ivf.invlists.list_size(0) * ivf.code_size)
+    ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(0), ivf.invlists.list_size(0))
+    decoded = faiss.downcast_index(ivf).sq.decode(codes.reshape(-1, ivf.code_size).copy())[:, : s.dim(3)]
+    img, pos = interior.decode(ids)
+    exact = extract_patches(torch.from_numpy(to_float(images)).float(), s).numpy()[img, pos]
+    np.testing.assert_allclose(decoded, exact, rtol=0, atol=2.5e-7)
+
+
+def test_pixel_codes_refuse_vectors_that_are_not_pixels(corpus, tmp_path):
+    from nda_ann.errors import InputError
+    from nda_ann.index.factory import check_pixel_grid
+
+    _, store, _, _ = corpus
+    with pytest.raises(InputError, match="factor 1"):  # a downscaled scale's entries are pixel sums
+        build_index(store, tmp_path / "px2", ["6:2"], factory="IVF1,SQ8pixel", progress=False)
+    assert not (tmp_path / "px2").exists()
+    ok = np.array([[0.0, -1.0, 1.0], [0.0, 1 / 127.5 - 1, 254 / 127.5 - 1]], np.float32)
+    assert check_pixel_grid(ok, "x").tolist() == [0]
+    with pytest.raises(InputError, match="only pixel values"):
+        check_pixel_grid(ok + np.float32(0.002), "x")
 
 
 def test_pca_codes_do_not_claim_exact_distances(corpus, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from nda_ann.attribution import Attributor
 from nda_ann.exact import exact_scores
 from nda_ann.inputs import CorpusView
-from nda_ann.outside import Guide, estimate_outside, non_candidates
+from nda_ann.outside import Guide, _counted, estimate_outside, non_candidates
 from nda_ann.patches import extract_patches, layout_groups
 from nda_ann.scales import Scale
 from nda_ann.store import uint8_to_float
@@ -25,6 +25,21 @@ def crops():
     small = torch.nn.functional.avg_pool2d(uint8_to_float(dc.train), 2)[:, :, 3:13, 3:13].contiguous()  # 10x10
     queries = torch.nn.functional.avg_pool2d(uint8_to_float(dc.queries), 2)[:, :, 3:13, 3:13].contiguous()
     return small, queries
+
+
+def test_counted_marks_exactly_the_sampled_pairs_each_row_knows():
+    """Against Python sets; keys that share their low bits (the screening table's slot) included."""
+    rng = np.random.default_rng(1)
+    known = rng.integers(0, 5_000_000, (40, 300))
+    known[rng.random(known.shape) < 0.2] = -1
+    known[3, :4] = [7, 7 + (1 << 16), 7 + (2 << 16), -1]  # one slot, three keys
+    keys = np.concatenate([known[rng.integers(0, 40, 30), rng.integers(0, 300, 30)], rng.integers(0, 5_000_000, 30), [7 + (1 << 16), 7 + (5 << 16)]])
+    keys[keys < 0] = 11
+    keys[:3] = keys[3]  # a key drawn several times
+    rows = [set(r.tolist()) - {-1} for r in known]
+    want = np.array([[int(k) in r for k in keys] for r in rows])
+    got = _counted(keys, known)
+    assert got.shape == want.shape and (got == want).all() and want.sum() >= 20 and got[3, -2] and not got[3, -1]
 
 
 def test_guide_draws_non_candidates_and_weights_them_to_stand_for_all():

@@ -287,7 +287,7 @@ def _warn_outgrown(entry: dict[str, Any], count: int) -> None:
     """Log when a class has grown past the size its index kind was chosen for."""
     for c in entry["classes"]:
         n = count * c["indexed"]
-        if (c["tier"] == "flat" and n > FLAT_MAX) or (c["tier"] in ("ivf-flat", "ivf-sq8") and n > IVF_MAX):
+        if (c["tier"] == "flat" and n > FLAT_MAX) or (c["tier"] in ("ivf-flat", "ivf-sq8", "ivf-sq8-pixel") and n > IVF_MAX):
             log.warning("scale %s class %d now holds %s vectors, beyond what %s was chosen for; "
                         "consider rebuilding with `nda-ann build --overwrite`", entry["scale"], c["index"], f"{n:,}", c["factory"])
             return

@@ -15,6 +15,7 @@ RATES = {
     "flat": 2e7,                # vectors added per second, Flat
     "ivf-flat": 0.1e6,          # coarse assignment dominates
     "ivf-sq8": 0.1e6,
+    "ivf-sq8-pixel": 0.1e6,
     "ivf-pq": 0.1e6,            # PCA + assignment + PQ encoding
     "ivf-pq-fastscan": 0.1e6,
     "explicit": 0.1e6,

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from ..scales import Scale
-from .factory import ClassSpec, class_specs
+from .factory import ClassSpec, class_specs, pixel_codes
 from .layout_ids import INTERIOR_RULE, STRIDE_RULE, ClassLayout, class_layouts
 from .manifest import scale_dir
 
@@ -33,7 +33,7 @@ def plan_scale(scale: Scale, count: int, resolution: int, channels: int, stride:
     scale.check_fits(resolution)
     layouts = class_layouts(resolution, scale, stride, classes)
     d = scale.dim(channels)
-    specs = class_specs([max(1, count * c.width) for c in layouts], d, budget, factory)
+    specs = class_specs([max(1, count * c.width) for c in layouts], d, budget, factory, pixel_grid=scale.factor == 1)
     per_image = sum(c.width * s.code_bytes for c, s in zip(layouts, specs))
     nshards = max(1, math.ceil(count * per_image / (budget / INDEX_SHARE)))
     per_shard = max(1, math.ceil(count / nshards))
@@ -77,7 +77,9 @@ def approximations(entry: dict[str, Any]) -> list[str]:
         what = [f"{len(idx)} class(es) use {factory}"]
         if spec["nlist"]:
             what.append(f"search probes nprobe={spec['nprobe']} of {spec['nlist']} lists by default (results approximate)")
-        if factory.split(",")[-1] != "Flat":
+        if pixel_codes(factory):
+            what.append(f"lossless pixel codes ({spec['code_bytes']} bytes per vector vs {4 * entry['dim']} raw): distances exact to float rounding")
+        elif factory.split(",")[-1] != "Flat":
             what.append(f"compressed codes ({spec['code_bytes']} bytes per vector vs {4 * entry['dim']} raw): distances approximate")
         if factory.split(",")[0].startswith(("OPQ", "PCA")):
             what.append("rotated/reduced before coding")

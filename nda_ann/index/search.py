@@ -11,6 +11,7 @@ import torch
 from ..atomic import FolderIdentity, wait_for_folder
 from ..errors import IndexError_, InputError
 from ..scales import Scale, ScaleLike
+from .factory import pixel_codes
 from .layout_ids import ClassLayout
 from .manifest import check_files, class_file, layouts_of, read_manifest, resolve_index_path
 
@@ -157,10 +158,11 @@ class PatchIndex:
         return any(e["candidate_stride"] > 1 or e.get("index_classes", "all") != "all" for e in self.manifest["scales"])
 
     def distances_exact(self, scale: ScaleLike) -> bool:
-        """Whether ``search`` returns true squared distances at ``scale`` (Flat or IVF-Flat codes, no
-        PCA/OPQ): only then may retrieved distances enter a softmax normaliser as they are."""
+        """Whether ``search`` returns true squared distances at ``scale`` (Flat, IVF-Flat or lossless
+        pixel codes, no PCA/OPQ): only then may retrieved distances enter a softmax normaliser as
+        they are."""
         entry = self._entries[self._scale(scale)]
-        return all(c["factory"].split(",")[-1] == "Flat" and not c["factory"].startswith(("PCA", "OPQ"))
+        return all((c["factory"].split(",")[-1] == "Flat" or pixel_codes(c["factory"])) and not c["factory"].startswith(("PCA", "OPQ"))
                    for c in entry["classes"] if c["indexed"])
 
     def search(self, scale: ScaleLike, vectors: np.ndarray | torch.Tensor, k: int,

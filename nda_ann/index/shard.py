@@ -16,7 +16,7 @@ from ..errors import IndexError_
 from ..patches import extract_patches
 from ..scales import Scale
 from ..store import Store
-from .factory import ClassSpec, make_index
+from .factory import ClassSpec, check_pixel_grid, make_index, pixel_codes
 from .gpu import to_gpu
 from .layout_ids import ClassLayout
 from .manifest import SHARD_FILE, class_file
@@ -58,13 +58,17 @@ def build_shard(store: Store, rows: tuple[int, int], first_image: int, scale: Sc
             index = faiss.read_index(str(template_dir / class_file(c.index)))
         if index.ntotal:
             raise IndexError_(template_dir / class_file(c.index), "template is not empty; rebuild the index")
-        indexes.append(to_gpu(index) if use_gpu else (index, False))
+        # pixel codes are added on the CPU: their losslessness rests on the CPU encoder's truncation
+        indexes.append(to_gpu(index) if use_gpu and not pixel_codes(spec.factory) else (index, False))
     bar = tqdm(total=hi - lo, desc=f"add {scale} [{first_image}, {first_image + hi - lo})", unit="img",
                disable=not progress, leave=False)
-    for _, batch in store.batches(batch_size, lo, hi):
+    for b, (_, batch) in enumerate(store.batches(batch_size, lo, hi)):
         patches = extract_patches(batch, scale).numpy()
-        for c, (index, _) in zip(classes, indexes):
-            index.add(np.ascontiguousarray(patches[:, c.indexed].reshape(-1, patches.shape[-1])))
+        for c, spec, (index, _) in zip(classes, specs, indexes):
+            x = np.ascontiguousarray(patches[:, c.indexed].reshape(-1, patches.shape[-1]))
+            if b == 0 and pixel_codes(spec.factory):  # lossless only on pixel values: checked on each shard's first batch
+                check_pixel_grid(x, f"{store.path}: scale {scale} class {c.index}")
+            index.add(x)
         bar.update(len(batch))
     bar.close()
     files, ntotal = {}, []

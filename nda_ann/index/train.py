@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..patches import extract_patches
 from ..scales import Scale
 from ..store import Store
-from .factory import ClassSpec, make_index
+from .factory import ClassSpec, check_pixel_grid, make_index, pixel_codes, set_pixel_ranges
 from .gpu import gpu_clustering
 from .layout_ids import ClassLayout
 from .phases import RATES, log, phase
@@ -100,6 +100,8 @@ def train_templates(store: Store, scale: Scale, classes: Sequence[ClassLayout], 
                 if use_gpu:
                     gpu_clustering(index)
                 index.train(x)
+                if pixel_codes(specs[i].factory):
+                    set_pixel_ranges(index, check_pixel_grid(x, f"scale {scale} class {classes[i].index} training sample"))
                 ivf = faiss.try_extract_index_ivf(index)
                 if ivf is not None:
                     ivf.clustering_index = None
