@@ -78,6 +78,21 @@ QUERY_BLOCK = 1
 RERANK_STRIDE = 3
 
 
+def _non_candidate(image: np.ndarray, cand: np.ndarray, n: int) -> np.ndarray:
+    """Bool mask, shaped like ``image`` (ids, -1 = none): a retrieved image that is not a candidate.
+    A table look-up (1 ms for 1,024 x 1,024 ids where np.isin took 11 ms)."""
+    is_cand = np.zeros(n + 1, dtype=bool)  # slot n stays False: id -1 reads it
+    is_cand[cand] = True
+    return ~is_cand[image] & (image >= 0)
+
+
+def _sum_by_image(image: np.ndarray, weight: np.ndarray, n: int) -> np.ndarray:
+    """(n,) sum of ``weight`` per image id; ``image`` holds ids or -1 (none, whose weight must be 0).
+    Shifting the ids by one (-1 -> a bin that is dropped) spares masking: 4 ms where the masked
+    version took 9 ms for 1,024 x 1,024 weights."""
+    return np.bincount(image.ravel() + 1, weights=weight.ravel(), minlength=n + 1)[1:]
+
+
 def default_candidates(sigma2: float) -> int:
     """The default M at noise variance sigma^2 (more candidates where the posterior is broad)."""
     return DEFAULT_CANDIDATES if sigma2 < BROAD_SIGMA2 else DEFAULT_CANDIDATES_BROAD
@@ -369,10 +384,8 @@ class Attributor:
         """(N,) softmax mass each training image receives from the retrieved patches of query q."""
         mass = np.zeros(self.corpus.count)
         for (d, sc), (dist, image, _) in hits.items():
-            w = self._softmax_over_retrieved(dist[q], s, sigma2).numpy()
-            img = image[q]
-            ok = img >= 0
-            mass += weights[self.scales.index(sc)] / draws * np.bincount(img[ok], weights=w[ok], minlength=self.corpus.count)
+            w = self._softmax_over_retrieved(dist[q], s, sigma2).numpy()  # 0 where image is -1
+            mass += weights[self.scales.index(sc)] / draws * _sum_by_image(image[q], w, self.corpus.count)
         return mass
 
     def _select_candidates(self, mass: np.ndarray, noisy: list[torch.Tensor], q: int, s: float, m: int, thumb_share: float) -> np.ndarray:
@@ -471,12 +484,12 @@ class Attributor:
         for (d, sc), (dist, image, position) in hits.items():
             if self._distances_exact(sc):
                 img = image[q]
-                keep = (img >= 0) & ~np.isin(img, cand)
+                keep = _non_candidate(img, cand, self.corpus.count)
                 out[(d, sc)] = (np.where(keep, dist[q].astype(np.float64) * scale_logit, -np.inf), np.where(keep, img, -1), np.where(keep, position[q], -1))
                 continue
             kt = min(TAIL_K, dist.shape[-1])
             img, pos = image[q][:, :kt], position[q][:, :kt]
-            keep = (img >= 0) & ~np.isin(img, cand)
+            keep = _non_candidate(img, cand, self.corpus.count)
             exact = np.full(img.shape, np.inf, dtype=np.float64)
             u_idx, k_idx = np.nonzero(keep)
             if len(u_idx):
@@ -567,8 +580,7 @@ class Attributor:
         """
         extra = np.zeros(self.corpus.count)
         for (d, sc), (logits, img, _) in known.items():
-            ok = img >= 0
-            w = np.exp(logits - log_zs[(d, sc)].double().cpu().numpy()[:, None])[ok]
-            extra += weights[self.scales.index(sc)] / draws * np.bincount(img[ok], weights=w, minlength=self.corpus.count)
+            w = torch.from_numpy(logits).sub(log_zs[(d, sc)].double().cpu()[:, None]).exp_().numpy()  # 0 where img is -1
+            extra += weights[self.scales.index(sc)] / draws * _sum_by_image(img, w, self.corpus.count)
         tail_ids = np.nonzero(extra)[0]
         return np.concatenate([ids, tail_ids]), np.concatenate([vals, extra[tail_ids]])

@@ -126,6 +126,54 @@ def test_with_an_exhaustive_outside_sample_candidates_score_exactly(crops):
         assert 0 < got.outside_mass[ti, q].min() and got.outside_mass[ti, q].max() < 1
 
 
+def _per_class_outside(corpus, qp, groups, scale, s, inv, known_image, known_position, size, guide, rng):
+    """estimate_outside's sampled estimator written pair by pair (one chunk): the same draws in the
+    same order, so the same estimate. Returns (estimate (L,), the number of sampled pairs excluded
+    as already counted)."""
+    from nda_ann.patches import patch_view
+
+    npos = qp.shape[0]
+    out = torch.full((npos,), -math.inf, dtype=torch.float64)
+    dropped = 0
+    ids, log_w = guide.draw(size, rng)
+    view = patch_view(corpus.take(ids).to(qp.dtype) * s, scale)
+    grid = view.shape[1]
+    for group in groups:
+        pos = group.positions.numpy()
+        at = pos[rng.integers(0, len(pos), len(ids))]
+        y = view[torch.arange(len(ids)), torch.from_numpy(at // grid), torch.from_numpy(at % grid)].reshape(len(ids), -1)
+        for u in pos.tolist():
+            logits = -((qp[u] - y) ** 2).sum(-1) * inv + torch.from_numpy(log_w + math.log(len(pos)))
+            known = {(int(i), int(p)) for i, p in zip(known_image[u], known_position[u]) if i >= 0}
+            drop = torch.tensor([(int(i), int(a)) in known for i, a in zip(ids, at)])
+            logits[drop] = -math.inf
+            dropped += int(drop.sum())
+            out[u] = torch.logsumexp(logits, 0)
+    return out, dropped
+
+
+@pytest.mark.parametrize("scale", ["3", "4:2"])
+def test_sampled_estimate_equals_a_pair_by_pair_computation_over_the_same_draws(crops, scale):
+    """The sampled (guided) estimate equals a loop over query positions and sampled pairs that uses
+    the same draws, with retrieved pairs excluded by identity."""
+    corpus, queries = crops
+    sc = Scale.parse(scale)
+    qp = extract_patches(queries[:1].double(), sc)[0]
+    npos = qp.shape[0]
+    cand = np.array([1, 5])
+    rng = np.random.default_rng(4)
+    known_img = rng.integers(-1, len(corpus), (npos, 40))
+    known_img[np.isin(known_img, cand)] = -1
+    known_pos = np.where(known_img >= 0, rng.integers(0, npos, (npos, 40)), -1)
+    mass = np.random.default_rng(3).random(len(corpus)) ** 4
+    groups = layout_groups(10, sc)
+    args = (CorpusView(corpus), qp, groups, sc, 0.9, 1.7, known_img, known_pos, 9)
+    got = estimate_outside(*args, Guide(len(corpus), cand, mass), np.random.default_rng(6))
+    want, dropped = _per_class_outside(*args, Guide(len(corpus), cand, mass), np.random.default_rng(6))
+    assert torch.isfinite(want).all() and dropped > 0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
 def test_chunked_reading_gives_the_same_estimate(crops):
     """A memory budget of a few images per chunk changes how the sample is read, not the estimate's
     exact part; the sampled part stays unbiased (same draws of images, positions drawn per chunk)."""

@@ -17,7 +17,7 @@ DEFAULTS: dict[str, Any] = {"factory": "auto", "memory_budget": "8G", "candidate
 @click.argument("store", required=False, type=click.Path(path_type=Path))
 @click.argument("index", required=False)
 @click.option("-s", "--scale", "scales", multiple=True, help="A scale P or P:F, e.g. --scale 7 --scale 14:2 (repeatable).")
-@click.option("--factory", default=None, help="auto (default: Flat, IVF-Flat/SQ8 or PCA+IVF-PQ by class size and budget) or a FAISS factory string; '{nlist}' is filled in.")
+@click.option("--factory", default=None, help="auto (default: Flat, IVF with lossless pixel codes (SQ8pixel) at factor-1 scales, IVF-Flat/SQ8 at P:2 scales, or PCA+IVF-PQ, by class size and budget) or a FAISS factory string (SQ8pixel allowed); '{nlist}' is filled in.")
 @click.option("--memory-budget", default=None, help="RAM the build may use, e.g. 8G (default); larger scales are sharded.")
 @click.option("--candidate-stride", type=click.IntRange(min=1), default=None, help="Index only positions on a stride grid (default 1 = all).")
 @click.option("--classes", type=click.Choice(["all", "interior"]), default=None,
