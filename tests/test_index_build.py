@@ -209,8 +209,10 @@ def test_add_then_search_equals_building_all_at_once(stores, tmp_path):
     assert [h["op"] for h in added.manifest["history"]] == ["build", "add"]
 
 
-def test_add_to_an_ivf_index_reuses_its_templates_and_finds_the_new_images(stores, tmp_path):
-    build_index(stores["a"], tmp_path / "ix", ["5"], factory="IVF16,Flat", progress=False)
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,SQ8pixel"])
+def test_add_to_an_ivf_index_reuses_its_templates_and_finds_the_new_images(stores, tmp_path, factory):
+    """Also for pixel codes: the added images' own patches come back at distance 0 (lossless)."""
+    build_index(stores["a"], tmp_path / "ix", ["5"], factory=factory, progress=False)
     added = add_to_index(tmp_path / "ix", stores["b"], progress=False)
     entry = added.manifest["scales"][0]
     assert any(c["nlist"] == 16 for c in entry["classes"]) and [s["first_image"] for s in entry["shards"]] == [0, 24]
