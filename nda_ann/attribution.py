@@ -38,9 +38,10 @@ log = logging.getLogger("nda_ann.attribution")
 
 Mode = Literal["rescore", "fast"]
 
-# tail scores from an index with approximate distances: the TAIL_K nearest retrieved patches of
-# each query patch are re-measured exactly from the store's pixels (they also enter the normaliser's
-# known part). Measured at t = 100, SQ8 interior codes, M = 150: 32 -> 128 moved top-10 overlap /
+# tail scores from an index with approximate distances (PCA, lossy SQ/PQ codes; not Flat, IVF-Flat
+# or the default pixel codes): the TAIL_K nearest retrieved patches of each query patch are
+# re-measured exactly from the store's pixels (they also enter the normaliser's known part).
+# Measured at t = 100 with lossy SQ8 interior codes, M = 150: 32 -> 128 moved top-10 overlap /
 # subset-sum Spearman 0.92 / 0.922 -> 0.93 / 0.939 at 20,000 crops and 0.98 / 0.987 -> 0.98 / 0.991
 # at 5,000 for 3-5% more time; but on the million recipe (M = 400) it moved 100k only 0.521 -> 0.524
 # and made a 1M query 1.69 -> 2.37 s (random reads across the 3 GB store), past the 2 s budget.
@@ -48,10 +49,10 @@ TAIL_K = 32
 
 # Default M by noise level, from the measured curves (BENCHMARKS.md "defaults_t100_3000" / "_5000",
 # "defaults_t300_*", "outside_5000"), tail scores on, 18 queries. At t = 100 (sigma^2 = 0.10)
-# M = 150 gives top-10 overlap 0.98 / 0.99 and subset-sum Spearman 0.997 / 0.996 on 3,000 / 5,000
+# M = 150 gives top-10 overlap 0.99 / 1.00 and subset-sum Spearman 0.998 / 0.996 on 3,000 / 5,000
 # crops (M = 120: 0.995 on 5,000, on the target's edge; M = 200: 0.997 for a third more dense work).
-# At t = 300 (sigma^2 = 0.61) on 5,000 crops M = 500 gives 0.93 / 0.87 (the 56% of the mass outside
-# the M caps subset-sum even with exact candidates and normaliser) and M = 1,000 0.98 / 0.92.
+# At t = 300 (sigma^2 = 0.61) on 5,000 crops M = 500 gives 0.94 / 0.87 (the 57% of the mass outside
+# the M caps subset-sum even with exact candidates and normaliser) and M = 1,000 0.97 / 0.92.
 DEFAULT_CANDIDATES = 150            # sigma^2 < BROAD_SIGMA2
 DEFAULT_CANDIDATES_BROAD = 1000     # sigma^2 >= BROAD_SIGMA2
 BROAD_SIGMA2 = 0.3
@@ -475,9 +476,9 @@ class Attributor:
         retrieved patches of non-candidates, from exact distances; entries that are not such
         patches hold -inf / -1 / -1.
 
-        From an index with exact distances (Flat, IVF-Flat), all K retrieved as they are. Otherwise
-        (PCA, quantised codes, which misjudge them) the ``TAIL_K`` nearest of each query patch that
-        belong to non-candidates, re-measured from the store's pixels.
+        From an index with exact distances (Flat, IVF-Flat, pixel codes), all K retrieved as they
+        are. Otherwise (PCA, lossy codes, which misjudge them) the ``TAIL_K`` nearest of each query
+        patch that belong to non-candidates, re-measured from the store's pixels.
         """
         out = {}
         scale_logit = -(s * s) / (2 * sigma2)
