@@ -44,6 +44,23 @@ def test_fast_mode_with_every_candidate_retrieved_equals_exact(crops, topk):
     assert np.abs(got.scores - want).max() <= 1e-6 * want.max()
 
 
+def test_fast_mode_through_a_pixel_code_index_equals_exact(crops, tmp_path):
+    """Pixel codes are lossless: with every list probed and every candidate retrieved, the truncated
+    softmax over the index's own distances is the exact score."""
+    from nda_ann.index import build_index
+    from nda_ann.store import write_store
+
+    corpus, queries = crops
+    u8 = ((corpus + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    store = write_store(tmp_path / "store", u8)
+    index = build_index(store, tmp_path / "ix", ["3"], factory="IVF2,SQ8pixel", progress=False)
+    assert {c["factory"] for c in index.manifest["scales"][0]["classes"]} == {"IVF2,SQ8pixel", "Flat"}
+    att = Attributor.open(tmp_path / "ix")
+    got = att.attribute(queries, 300, k=len(corpus) * 100, nprobe=2, mode="fast")
+    want = exact_scores(store, queries, timesteps=300, scales=[3])
+    assert np.abs(got.scores - want).max() <= 1e-5 * want.max()
+
+
 def test_torch_search_returns_brute_force_neighbours_of_the_same_layout(crops):
     corpus, queries = crops
     scale = Scale(5)
