@@ -103,6 +103,9 @@ def test_auto_choice_by_class_size_and_budget():
     assert class_specs([65_536], 147, g8, pixel_grid=True)[0].factory == "Flat"
     with pytest.raises(InputError, match="factor 1"):
         class_specs([3_000_000], 147, g8, "IVF1024,SQ8pixel")
+    for bad in ("PCA64,IVF1024,SQ8pixel", "SQ8pixel", "IVF1024,SQ8pixel,Refine(Flat)"):
+        with pytest.raises(InputError, match="SQ8pixel|unknown"):
+            class_specs([3_000_000], 147, g8, bad, pixel_grid=True)
     with pytest.raises(InputError, match="unknown or unusable FAISS factory"):
         class_specs([1000], 147, g8, "IVF12,Blah")
     with pytest.raises(InputError, match="not a memory size"):
