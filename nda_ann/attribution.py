@@ -222,6 +222,38 @@ class Attribution:
         write_parquet_atomic(self.to_table(), path)
 
 
+@dataclass
+class Contributions:
+    """What one query's heatmaps at one timestep are drawn from.
+
+    ``per_pos[sc]`` (L_s, M): the weighted softmax mass at each query position on each candidate
+    image (columns in the order of ``cand``, sorted ids); ``tail[sc]``: [(weights (L_s, K'), image
+    ids (L_s, K'))] of the retrieved patches of non-candidates (ids -1 where none), per draw.
+    """
+
+    cand: np.ndarray
+    per_pos: dict
+    tail: dict
+
+    def pixel_maps(self, ids: np.ndarray, size: int) -> np.ndarray:
+        """(len(ids), size, size) float64 for sorted image ``ids``: where on the query each contributes;
+        a map sums to the image's score at this timestep (all zeros where it has none)."""
+        out = torch.zeros((len(ids), size, size), dtype=torch.float64)
+        col = np.searchsorted(self.cand, ids).clip(max=max(len(self.cand) - 1, 0))
+        is_cand = (self.cand[col] == ids) if len(self.cand) else np.zeros(len(ids), dtype=bool)
+        for sc in {*self.per_pos, *self.tail}:
+            g = sc.grid(size)
+            pos = np.zeros((g * g, len(ids)))
+            if sc in self.per_pos and is_cand.any():
+                pos[:, is_cand] = self.per_pos[sc][:, torch.from_numpy(col[is_cand])].double().cpu().numpy()
+            for w, img in self.tail.get(sc, []):
+                which = np.searchsorted(ids, img).clip(max=len(ids) - 1)
+                rows, ks = np.nonzero((ids[which] == img) & (img >= 0))
+                np.add.at(pos, (rows, which[rows, ks]), w[rows, ks])
+            out += positions_to_pixels(torch.from_numpy(pos.T.copy()).view(len(ids), g, g), sc, size)
+        return out.numpy()
+
+
 class Attributor:
     """Attribute images against an indexed corpus. ``Attributor.open(INDEX)`` or with any searcher
     exposing ``search(scale, vectors (Q, L, D), k, nprobe) -> (dist, image, position)``."""
@@ -335,45 +367,64 @@ class Attributor:
         result = Attribution(n, ts, qnames, self.sources, {**asdict(settings), "candidates_per_timestep": m_per_t, "index_id": self.index_id}, describe_device(self.device), scale_names=[str(s) for s in self.scales])
         result.outside_mass = np.zeros((len(ts), nq, len(self.scales)))
         bar = tqdm(total=len(ts) * nq, unit="query", desc="attribute", disable=not progress)
-        for ti, t in enumerate(ts):
-            s = sched.signal_and_noise(t)[0]
-            noisy = [noise_images(queries, t, sched, seed, d) for d in range(noise_draws)]  # each (Q, C, H, W)
-            for lo in range(0, nq, QUERY_BLOCK):
-                # search a block of queries at once (QUERY_BLOCK: one, on the CPU)
-                block = range(lo, min(lo + QUERY_BLOCK, nq))
-                patches = {(d, sc): extract_patches(noisy[d][block.start : block.stop], sc) for d in range(noise_draws) for sc in self.scales}
+        for lo in range(0, nq, QUERY_BLOCK):
+            # search a block of queries at once (QUERY_BLOCK: one, on the CPU), every timestep, then
+            # keep the heatmaps of its top images by mean and per timestep
+            block = range(lo, min(lo + QUERY_BLOCK, nq))
+            parts: dict[int, list] = {q: [] for q in block}
+            for ti, t in enumerate(ts):
+                s = sched.signal_and_noise(t)[0]
+                noisy = [noise_images(queries[block.start : block.stop], t, sched, seed, d) for d in range(noise_draws)]  # each (B, C, H, W)
+                patches = {(d, sc): extract_patches(noisy[d], sc) for d in range(noise_draws) for sc in self.scales}
                 hits = {key: self.searcher.search(key[1], (p / s).numpy(), k, nprobe) for key, p in patches.items()}
                 for q in block:
-                    ids, vals = self._attribute_one(q, q - lo, hits, noisy, ti, t, sched, m_per_t[ti], weights, settings, dtype, result)
+                    ids, vals, contrib = self._attribute_one(q, q - lo, hits, noisy, ti, t, sched, m_per_t[ti], weights, settings, dtype, result)
                     result.sparse[(ti, q)] = (ids, vals)
+                    parts[q].append(contrib)
                     bar.update(1)
+            if settings.maps > 0 and mode == "rescore":
+                for q in block:
+                    self._keep_maps(result, q, parts[q], settings.maps)
         bar.close()
         return result
 
+    def _keep_maps(self, result: Attribution, q: int, parts: list["Contributions"], n_maps: int) -> None:
+        """Heatmaps (H, W) of query ``q``'s top ``n_maps`` images by mean score and at each timestep,
+        at every timestep (zero where an image scored 0 there), so that ``heatmap`` can average them."""
+        chosen = {i for i, _, _ in result.top(q, n_maps)}
+        for t in result.timesteps:
+            chosen |= {i for i, _, _ in result.top(q, n_maps, t)}
+        ids = np.array(sorted(chosen), dtype=np.int64)
+        for ti, contrib in enumerate(parts):
+            maps = contrib.pixel_maps(ids, self.size)
+            result.kept_maps[(ti, q)] = {int(i): m for i, m in zip(ids, maps)}
+
     def _attribute_one(self, q: int, b: int, hits: dict, noisy: list[torch.Tensor], ti: int, t: int, sched: NoiseSchedule,
                        m: int, weights: list[float], settings: AttributionSettings, dtype: torch.dtype, result: Attribution):
-        """(ids, scores) of query ``q`` (row ``b`` of its block's ``hits``) at timestep ``t`` (index
-        ``ti``); stores its heatmaps and mass outside the candidates in ``result``."""
+        """(ids, scores, contributions) of query ``q`` (row ``b`` of its block's ``hits`` and
+        ``noisy``) at timestep ``t`` (index ``ti``); stores its mass outside the candidates in
+        ``result``. ``contributions`` (None in fast mode or without maps) holds what its heatmaps
+        are drawn from."""
         draws, n = settings.noise_draws, self.corpus.count
         s, sigma2 = sched.signal_and_noise(t)
         if settings.mode == "fast":
-            return self._fast_scores(b, hits, s, sigma2, weights, draws, settings.topk)
+            return (*self._fast_scores(b, hits, s, sigma2, weights, draws, settings.topk), None)
         mass = self._candidate_mass(b, hits, s, sigma2, weights, draws)
         m_t = min(m, n)
-        cand = self._select_candidates(mass, noisy, q, s, min(m_t * settings.rerank, n), settings.thumbnail_share_at(t, sched))
+        cand = self._select_candidates(mass, noisy, b, s, min(m_t * settings.rerank, n), settings.thumbnail_share_at(t, sched))
         if len(cand) > m_t:
-            proxy = self._proxy_scores(q, cand, noisy, s, sigma2, weights, draws, dtype)
+            proxy = self._proxy_scores(b, cand, noisy, s, sigma2, weights, draws, dtype)
             cand = np.sort(cand[np.argsort(-proxy, kind="stable")[:m_t]])
         # this query's noised patch vectors per (draw, scale), (1, L, D) in the dense dtype
-        qps = {key: extract_patches(noisy[key[0]][q : q + 1].to(self.device, dtype), key[1]) for key in hits}
+        qps = {key: extract_patches(noisy[key[0]][b : b + 1].to(self.device, dtype), key[1]) for key in hits}
         known = self._known_logits(b, cand, hits, qps, s, sigma2)
         sampled = self._sample_outside(cand, known, qps, s, sigma2, settings.outside_sample, (settings.seed, t), mass)
-        ids, vals, maps_q, outside, log_zs = self._rescore(cand, self._retrieved_outside(known), sampled, qps, s, sigma2, weights, draws, settings.topk, dtype, settings.maps)
+        ids, vals, per_pos, outside, log_zs = self._rescore(cand, self._retrieved_outside(known), sampled, qps, s, sigma2, weights, draws, settings.topk, dtype)
+        contrib = Contributions(cand, per_pos, {}) if settings.maps > 0 else None
         if settings.tail:
-            ids, vals = self._add_tail(ids, vals, known, log_zs, weights, draws)
-        result.kept_maps[(ti, q)] = maps_q
+            ids, vals = self._add_tail(ids, vals, known, log_zs, weights, draws, contrib)
         result.outside_mass[ti, q] = outside
-        return ids, vals
+        return ids, vals, contrib
 
     # stage 1 -----------------------------------------------------------------------------
     def _softmax_over_retrieved(self, dist: np.ndarray, s: float, sigma2: float) -> torch.Tensor:
@@ -526,7 +577,7 @@ class Attributor:
             out[(d, sc)] = estimate_outside(self.corpus, qp[0], self.groups[sc], sc, s, 1.0 / (2.0 * sigma2), img, pos, size, guide, rng, self.budget)
         return out
 
-    def _rescore(self, cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype, n_maps):
+    def _rescore(self, cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype):
         """Exact re-scoring of one query (``qps``: its patch vectors per (draw, scale)) against every
         position of the candidate images.
 
@@ -560,18 +611,10 @@ class Attributor:
                 a = torch.exp(torch.cat(aggs, -1) - log_z[:, None]).double().cpu()  # (L, M)
                 scores += w / draws * a.sum(0)
                 per_pos.setdefault(sc, []).append(w / draws * a)
-        top = torch.argsort(scores, descending=True, stable=True)[:n_maps].tolist()
-        maps: dict[int, np.ndarray] = {}
-        for j in top:
-            total = torch.zeros((self.size, self.size), dtype=torch.float64)
-            for sc, parts in per_pos.items():
-                g = sc.grid(self.size)
-                total += positions_to_pixels(sum(p[:, j] for p in parts).view(g, g), sc, self.size)
-            maps[int(cand[j])] = total.numpy()
         keep = scores.numpy() > 0
-        return cand[keep], scores.numpy()[keep], maps, outside, log_zs
+        return cand[keep], scores.numpy()[keep], {sc: sum(parts) for sc, parts in per_pos.items()}, outside, log_zs
 
-    def _add_tail(self, ids, vals, known, log_zs, weights, draws):
+    def _add_tail(self, ids, vals, known, log_zs, weights, draws, contrib: "Contributions | None" = None):
         """Give non-candidates their retrieved patches' exact weights under the re-scoring normaliser.
 
         A lower bound of their exact score (only retrieved patches count; topk is not applied to
@@ -582,6 +625,9 @@ class Attributor:
         extra = np.zeros(self.corpus.count)
         for (d, sc), (logits, img, _) in known.items():
             w = torch.from_numpy(logits).sub(log_zs[(d, sc)].double().cpu()[:, None]).exp_().numpy()  # 0 where img is -1
-            extra += weights[self.scales.index(sc)] / draws * _sum_by_image(img, w, self.corpus.count)
+            w *= weights[self.scales.index(sc)] / draws
+            extra += _sum_by_image(img, w, self.corpus.count)
+            if contrib is not None:
+                contrib.tail.setdefault(sc, []).append((w, img))
         tail_ids = np.nonzero(extra)[0]
         return np.concatenate([ids, tail_ids]), np.concatenate([vals, extra[tail_ids]])

@@ -171,12 +171,15 @@ def exact_attribution(
 
 
 def _keep_maps(result: ExactResult, view: CorpusView, q_images: torch.Tensor, sched: NoiseSchedule, groups: dict, log_norms: dict, seed: int, noise_draws: int, topk: int | None, dev: torch.device, dtype: torch.dtype, k: int) -> None:
-    """Per-pixel maps a(u, n) of the top k images of each query and timestep (second, small pass)."""
+    """Per-pixel maps a(u, n) of the top k images of each query at each timestep and by their mean
+    over timesteps, at every timestep (second, small pass)."""
     size = view.shape[1]
+    by_mean = np.argsort(-result.scores.mean(0), axis=1, kind="stable")[:, :k]  # (Q, k)
     for ti, t in enumerate(result.timesteps):
         s, sigma2 = sched.signal_and_noise(t)
-        top = np.argsort(-result.scores[ti], axis=1, kind="stable")[:, :k]  # (Q, k)
-        ids = np.unique(top)
+        by_t = np.argsort(-result.scores[ti], axis=1, kind="stable")[:, :k]
+        top = [np.unique(np.concatenate([a, b])) for a, b in zip(by_t, by_mean)]  # per query, sorted
+        ids = np.unique(np.concatenate(top))
         images = view.take(ids).to(dev, dtype) * s
         maps = torch.zeros((q_images.shape[0], len(ids), size, size), dtype=torch.float64)
         for d in range(noise_draws):
@@ -188,9 +191,9 @@ def _keep_maps(result: ExactResult, view: CorpusView, q_images: torch.Tensor, sc
                 grid = a.permute(0, 2, 1).reshape(a.shape[0], len(ids), g, g)
                 maps += (w / noise_draws) * positions_to_pixels(grid, sc, size).double().cpu()
         col = {int(i): c for c, i in enumerate(ids)}
-        for q in range(top.shape[0]):
+        for q in range(len(top)):
             sel = [col[int(i)] for i in top[q]]
-            result.kept_maps[(ti, q)] = (top[q].copy(), maps[q, sel].numpy())
+            result.kept_maps[(ti, q)] = (top[q], maps[q, sel].numpy())
 
 
 def exact_scores(corpus, queries, *, timesteps, scales, alpha=None, topk=None, seed=0, noise_draws=1, schedule="linear", device="auto", **kwargs) -> np.ndarray:

@@ -115,6 +115,42 @@ def test_attribution_api_inputs_heatmaps_and_parquet(crops, tmp_path):
     assert first["image_id"] == best
 
 
+def test_heatmaps_cover_the_top_images_by_mean_and_per_timestep_and_sum_to_their_scores(crops):
+    """With several timesteps, every image in the top ``maps`` by mean score or at a timestep has a
+    map at every timestep: a candidate's dense map, a non-candidate's retrieved-patch (tail) map,
+    or zeros where it scored nothing; each sums to that timestep's score."""
+    corpus, queries = crops
+    att = Attributor(TorchFlatSearch(corpus, [3, "2:2"]), corpus, [3, "2:2"])
+    res = att.attribute(queries, [100, 300, 500], k=16, candidates=4, maps=6)
+    for q in range(len(queries)):
+        chosen = {i for i, _, _ in res.top(q, 6)} | {i for t in res.timesteps for i, _, _ in res.top(q, 6, t)}
+        cand_at = [set(res.sparse[(ti, q)][0].tolist()) for ti in range(3)]
+        assert any(len(c) > 4 for c in cand_at)  # tail images scored too
+        for ti, t in enumerate(res.timesteps):
+            ids, vals = res.query_scores(q, t)
+            score = dict(zip(ids.tolist(), vals.tolist()))
+            assert set(res.kept_maps[(ti, q)]) == chosen
+            for i in chosen:
+                heat = res.heatmap(q, i, timestep=t)
+                assert heat.shape == (12, 12) and heat.min() >= 0
+                assert heat.sum() == pytest.approx(score.get(i, 0.0), rel=1e-6, abs=1e-12)
+        for i, mean_score, _ in res.top(q, 6):
+            assert res.heatmap(q, i).sum() == pytest.approx(mean_score, rel=1e-6)
+
+
+def test_exact_maps_cover_the_top_images_by_mean_too(crops):
+    from nda_ann.exact import exact_attribution
+
+    corpus, queries = crops
+    ex = exact_attribution(corpus, queries, timesteps=[100, 500], scales=[3], topk=4, maps_for=3)
+    mean = ex.scores.mean(0)
+    for q in range(len(queries)):
+        by_mean = np.argsort(-mean[q], kind="stable")[:3]
+        for ti in range(2):
+            maps = ex.maps(ti, q, by_mean)
+            np.testing.assert_allclose(maps.sum(axis=(1, 2)), ex.scores[ti, q, by_mean], rtol=1e-6)
+
+
 def test_tail_option_scores_retrieved_non_candidates_and_leaves_candidates_alone(crops):
     corpus, queries = crops
     att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
