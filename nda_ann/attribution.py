@@ -179,7 +179,7 @@ class Attribution:
         for ti in tis:
             kept = self.kept_maps.get((ti, query), {})
             if int(image_id) not in kept:
-                raise KeyError(f"no heatmap kept for image {image_id} of query {query}; maps are kept for the top {self.settings.get('maps')} images (raise maps=)")
+                raise KeyError(f"no heatmap kept for image {image_id} of query {query}; maps are kept for the top {self.settings.get('maps')} images by mean score and at each timestep (raise maps=)")
             maps.append(kept[int(image_id)])
         return np.mean(maps, axis=0)
 
@@ -330,7 +330,8 @@ class Attributor:
     ) -> Attribution:
         """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
 
-        Returns an Attribution with scores (T, Q, N), heatmaps of the top ``maps`` images, and
+        Returns an Attribution with scores (T, Q, N), heatmaps of the top ``maps`` images (by mean
+        score and at each timestep, kept at every timestep), and
         the estimated mass outside the M candidates per query and scale. ``tail`` (default on; None
         means the default) scores non-candidates by their retrieved patches; ``candidates`` None
         means ``default_candidates(sigma^2)`` per timestep; ``rerank`` > 1 re-ranks a pool of
