@@ -103,7 +103,7 @@ def exact_attribution(
     """Exact NDA scores of ``queries`` (Q, C, H, W) against ``corpus`` (N, C, H, W) or a Store.
 
     Returns an ExactResult whose ``scores`` are (T, Q, N) float64; ``maps_for=K`` also keeps the
-    per-pixel contribution maps of the top K images of each query and timestep.
+    per-pixel contribution maps of the top K images of each query, at each timestep and by mean.
     """
     view = CorpusView(corpus)
     q_images = as_float_images(queries, "queries")
