@@ -433,21 +433,22 @@ class Attributor:
         logits = -torch.from_numpy(dist).double() * (s * s) / (2 * sigma2)
         return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
-    def _candidate_mass(self, q: int, hits: dict, s: float, sigma2: float, weights: list[float], draws: int) -> np.ndarray:
-        """(N,) softmax mass each training image receives from the retrieved patches of query q."""
+    def _candidate_mass(self, b: int, hits: dict, s: float, sigma2: float, weights: list[float], draws: int) -> np.ndarray:
+        """(N,) softmax mass each training image receives from the retrieved patches of the query in
+        row ``b`` of its block's ``hits``."""
         mass = np.zeros(self.corpus.count)
         for (d, sc), (dist, image, _) in hits.items():
-            w = self._softmax_over_retrieved(dist[q], s, sigma2).numpy()  # 0 where image is -1
-            mass += weights[self.scales.index(sc)] / draws * _sum_by_image(image[q], w, self.corpus.count)
+            w = self._softmax_over_retrieved(dist[b], s, sigma2).numpy()  # 0 where image is -1
+            mass += weights[self.scales.index(sc)] / draws * _sum_by_image(image[b], w, self.corpus.count)
         return mass
 
-    def _select_candidates(self, mass: np.ndarray, noisy: list[torch.Tensor], q: int, s: float, m: int, thumb_share: float) -> np.ndarray:
+    def _select_candidates(self, mass: np.ndarray, noisy: list[torch.Tensor], b: int, s: float, m: int, thumb_share: float) -> np.ndarray:
         """M candidate image ids: round(M * share) nearest by thumbnail, the rest by patch mass."""
         chosen: list[int] = []
         seen: set[int] = set()
         n_thumb = int(round(m * thumb_share))
         if n_thumb:
-            qthumb = thumbnails(torch.stack([x[q] for x in noisy]).mean(0, keepdim=True) / s)[0]
+            qthumb = thumbnails(torch.stack([x[b] for x in noisy]).mean(0, keepdim=True) / s)[0]
             for i in nearest_thumbnails(self.thumbs, qthumb, n_thumb).tolist():
                 if i not in seen:
                     seen.add(i)
@@ -476,7 +477,7 @@ class Attributor:
                 out.append((pos, pos, 1.0))
         return out
 
-    def _proxy_scores(self, q, pool, noisy, s, sigma2, weights, draws, dtype) -> np.ndarray:
+    def _proxy_scores(self, b, pool, noisy, s, sigma2, weights, draws, dtype) -> np.ndarray:
         """(len(pool),) re-ranking score: each pooled image's exact softmax mass, normalised over
         the pool, summed over the ``_proxy_groups`` query positions and fused over scales."""
         inv = 1.0 / (2.0 * sigma2)
@@ -485,7 +486,7 @@ class Attributor:
             pairs = self._proxy_groups(sc)
             step = chunk_size(1, self.groups[sc], dtype, self.budget)
             for d in range(draws):
-                qp = extract_patches(noisy[d][q : q + 1].to(self.device, dtype), sc)[0]  # (L, D)
+                qp = extract_patches(noisy[d][b : b + 1].to(self.device, dtype), sc)[0]  # (L, D)
                 parts = []
                 for lo in range(0, len(pool), step):
                     cp = extract_patches(self.corpus.take(pool[lo : lo + step]).to(self.device, dtype) * s, sc)  # (b, L, D)
@@ -503,12 +504,12 @@ class Attributor:
                 total += w / draws * (torch.softmax(torch.cat(parts, 1).double(), dim=1).cpu() * row_w[:, None]).sum(0)
         return total.numpy()
 
-    def _fast_scores(self, q: int, hits: dict, s: float, sigma2: float, weights: list[float], draws: int, topk: int | None):
+    def _fast_scores(self, b: int, hits: dict, s: float, sigma2: float, weights: list[float], draws: int, topk: int | None):
         """Truncated softmax over the K retrieved patches: (ids, scores) of the images retrieved."""
         acc = np.zeros(self.corpus.count)
         for (d, sc), (dist, image, _) in hits.items():
-            w = self._softmax_over_retrieved(dist[q], s, sigma2).numpy()  # (L, K)
-            img = image[q]
+            w = self._softmax_over_retrieved(dist[b], s, sigma2).numpy()  # (L, K)
+            img = image[b]
             if topk is not None:
                 # keep, per position and image, only the topk largest retrieved weights
                 order = np.lexsort((-w, img), axis=-1)
@@ -523,7 +524,7 @@ class Attributor:
         ids = np.nonzero(acc)[0]
         return ids, acc[ids]
 
-    def _known_logits(self, q: int, cand: np.ndarray, hits: dict, qps: dict, s: float, sigma2: float) -> dict:
+    def _known_logits(self, b: int, cand: np.ndarray, hits: dict, qps: dict, s: float, sigma2: float) -> dict:
         """Per (draw, scale): (logits (L, K') float64, image (L, K'), position (L, K')) of the
         retrieved patches of non-candidates, from exact distances; entries that are not such
         patches hold -inf / -1 / -1.
@@ -536,12 +537,12 @@ class Attributor:
         scale_logit = -(s * s) / (2 * sigma2)
         for (d, sc), (dist, image, position) in hits.items():
             if self._distances_exact(sc):
-                img = image[q]
+                img = image[b]
                 keep = _non_candidate(img, cand, self.corpus.count)
-                out[(d, sc)] = (np.where(keep, dist[q].astype(np.float64) * scale_logit, -np.inf), np.where(keep, img, -1), np.where(keep, position[q], -1))
+                out[(d, sc)] = (np.where(keep, dist[b].astype(np.float64) * scale_logit, -np.inf), np.where(keep, img, -1), np.where(keep, position[b], -1))
                 continue
             kt = min(TAIL_K, dist.shape[-1])
-            img, pos = image[q][:, :kt], position[q][:, :kt]
+            img, pos = image[b][:, :kt], position[b][:, :kt]
             keep = _non_candidate(img, cand, self.corpus.count)
             exact = np.full(img.shape, np.inf, dtype=np.float64)
             u_idx, k_idx = np.nonzero(keep)

@@ -58,15 +58,18 @@ class OracleAttributor(Attributor):
     log_z: torch.Tensor | None = None
     exact: np.ndarray | None = None
 
-    def _select_candidates(self, mass, noisy, q, s, m, share):
-        self._query = q  # the query _rescore is about to score (it is called next, for this q)
-        if self.exact is None:
-            return super()._select_candidates(mass, noisy, q, s, m, share)
-        return np.sort(np.argsort(-self.exact[q], kind="stable")[:m])
+    def _attribute_one(self, q, b, *args, **kwargs):
+        self._query = q  # the query index (b is its row in the search block) the oracles are read for
+        return super()._attribute_one(q, b, *args, **kwargs)
 
-    def _rescore(self, cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype, n_maps):
+    def _select_candidates(self, mass, noisy, b, s, m, share):
+        if self.exact is None:
+            return super()._select_candidates(mass, noisy, b, s, m, share)
+        return np.sort(np.argsort(-self.exact[self._query], kind="stable")[:m])
+
+    def _rescore(self, cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype):
         if self.log_z is None:
-            return super()._rescore(cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype, n_maps)
+            return super()._rescore(cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype)
         sc = self.scales[0]
         full, agg = log_masses(qps[(0, sc)].double(), extract_patches(self.corpus.take(cand).double() * s, sc), self.groups[sc], 1 / (2 * sigma2), topk)
         log_z = self.log_z[self._query]
@@ -129,7 +132,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     for size in args.samples:
-        run(f"guided sample of {size:,} images (default: 2,048)", sample=size)
+        run(f"guided sample of {size:,} images (default: {attribution.DEFAULT_OUTSIDE_SAMPLE:,})", sample=size)
     for size in args.samples:
         run(f"uniform sample of {size:,} images", sample=size, guide=0.0)
     run("retrieved patches only (no sample)", sample=0)
