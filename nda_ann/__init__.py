@@ -5,16 +5,16 @@ Pipeline: ``ingest`` a corpus into a Store -> ``build_index`` (FAISS, per scale 
 """
 __version__ = "0.1.0"
 
-from .scales import Scale, parse_scales  # noqa: E402
-from .schedule import NoiseSchedule, noise, noise_images  # noqa: E402
-from .store import Store, write_store  # noqa: E402
-from .ingest import ingest  # noqa: E402
-from .exact import ExactResult, exact_attribution, exact_scores, patch_weights  # noqa: E402
-from .attribution import Attribution, Attributor  # noqa: E402
-from .torch_search import TorchFlatSearch  # noqa: E402
-from .fidelity import fidelity, fidelity_table  # noqa: E402
+from .scoring.scales import Scale, parse_scales  # noqa: E402
+from .scoring.schedule import NoiseSchedule, noise, noise_images  # noqa: E402
+from .corpus.store import Store, write_store  # noqa: E402
+from .corpus.ingest import ingest  # noqa: E402
+from .scoring.exact import ExactResult, exact_attribution, exact_scores, patch_weights  # noqa: E402
+from .attribution.attributor import Attribution, Attributor  # noqa: E402
+from .index.torch_search import TorchFlatSearch  # noqa: E402
+from .results.fidelity import fidelity, fidelity_table  # noqa: E402
 from .index import PatchIndex, add_to_index, build_index  # noqa: E402
-from .demo_corpus import demo_corpus  # noqa: E402
+from .corpus.demo_corpus import demo_corpus  # noqa: E402
 
 __all__ = [
     "__version__", "Scale", "parse_scales", "NoiseSchedule", "noise", "noise_images", "Store", "write_store",

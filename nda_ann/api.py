@@ -8,13 +8,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from .atomic import write_json_atomic
-from .attribution import Attribution, Attributor
-from .exact import exact_attribution
-from .fidelity import fidelity_table
-from .inputs import CorpusView
-from .queries import load_queries
-from .report import write_report
-from .store import Store
+from .attribution.attributor import Attribution, Attributor
+from .scoring.exact import exact_attribution
+from .results.fidelity import fidelity_table
+from .corpus.inputs import CorpusView
+from .corpus.queries import load_queries
+from .results.report import write_report
+from .corpus.store import Store
 
 
 def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None, rerank: int | None = None, outside_sample: int | None = None) -> str:

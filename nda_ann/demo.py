@@ -12,12 +12,12 @@ from typing import Any, Callable
 import numpy as np
 
 from .atomic import write_json_atomic
-from .demo_corpus import DemoCorpus, demo_corpus
+from .corpus.demo_corpus import DemoCorpus, demo_corpus
 from .errors import StoreError
-from .exact import exact_attribution
-from .figures import MAX_PROPONENTS, Proponent, render_attribution
-from .results import format_top_table, scores_table, write_parquet_atomic
-from .store import Store, uint8_to_float, write_store
+from .scoring.exact import exact_attribution
+from .results.figures import MAX_PROPONENTS, Proponent, render_attribution
+from .results.tables import format_top_table, scores_table, write_parquet_atomic
+from .corpus.store import Store, uint8_to_float, write_store
 
 
 def open_or_write_store(path: Path, corpus: DemoCorpus) -> tuple[Store, bool]:

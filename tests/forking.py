@@ -27,7 +27,7 @@ def one_thread():
 def forkserver():
     """A fork server with nda-ann imported, one thread per child (see ``one_thread``)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["nda_ann.ingest", "nda_ann.index", "nda_ann.api"])
+    ctx.set_forkserver_preload(["nda_ann.corpus.ingest", "nda_ann.index", "nda_ann.api"])
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:

@@ -6,17 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from nda_ann.attribution import Attributor
-from nda_ann.exact import exact_scores
-from nda_ann.patches import extract_patches, layout_of_positions
-from nda_ann.scales import Scale
-from nda_ann.store import uint8_to_float
-from nda_ann.torch_search import TorchFlatSearch
+from nda_ann.attribution.attributor import Attributor
+from nda_ann.scoring.exact import exact_scores
+from nda_ann.scoring.patches import extract_patches, layout_of_positions
+from nda_ann.scoring.scales import Scale
+from nda_ann.corpus.store import uint8_to_float
+from nda_ann.index.torch_search import TorchFlatSearch
 
 
 @pytest.fixture(scope="module")
 def crops():
-    from nda_ann.demo_corpus import demo_corpus
+    from nda_ann.corpus.demo_corpus import demo_corpus
 
     dc = demo_corpus(n_train=40, n_queries=2, seed=3)
     small = torch.nn.functional.avg_pool2d(uint8_to_float(dc.train), 2)  # 16x16 real crops
@@ -48,7 +48,7 @@ def test_fast_mode_through_a_pixel_code_index_equals_exact(crops, tmp_path):
     """Pixel codes are lossless: with every list probed and every candidate retrieved, the truncated
     softmax over the index's own distances is the exact score."""
     from nda_ann.index import build_index
-    from nda_ann.store import write_store
+    from nda_ann.corpus.store import write_store
 
     corpus, queries = crops
     u8 = ((corpus + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -139,7 +139,7 @@ def test_heatmaps_cover_the_top_images_by_mean_and_per_timestep_and_sum_to_their
 
 
 def test_exact_maps_cover_the_top_images_by_mean_too(crops):
-    from nda_ann.exact import exact_attribution
+    from nda_ann.scoring.exact import exact_attribution
 
     corpus, queries = crops
     ex = exact_attribution(corpus, queries, timesteps=[100, 500], scales=[3], topk=4, maps_for=3)
@@ -249,8 +249,8 @@ def test_rerank_by_exact_mass_on_a_query_subset_recovers_the_best_candidates(cro
 
 @pytest.mark.parametrize("scale", ["5", "4:2", "3"])
 def test_patch_vectors_read_from_the_store_equal_extract_patches(crops, tmp_path, scale):
-    from nda_ann.inputs import CorpusView
-    from nda_ann.store import write_store
+    from nda_ann.corpus.inputs import CorpusView
+    from nda_ann.corpus.store import write_store
 
     corpus, _ = crops
     u8 = ((corpus.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -268,7 +268,7 @@ def test_queries_searched_in_blocks_score_as_one_at_a_time(crops, monkeypatch):
     """Blocking the search (QUERY_BLOCK) changes no score, map or outside mass: 5 queries in blocks of 2
     (the last block short) against each query attributed alone. (Float32 search distances may differ
     in the last bit with the batch's shape, so: to float32 rounding.)"""
-    import nda_ann.attribution as attribution
+    import nda_ann.attribution.attributor as attribution
 
     corpus, queries = crops
     five = torch.cat([queries, queries.flip(-1), queries[:1].flip(-2)])

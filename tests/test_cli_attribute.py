@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from nda_ann.cli import main
-from nda_ann.store import write_store
+from nda_ann.corpus.store import write_store
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from nda_ann.demo_corpus import demo_corpus
+    from nda_ann.corpus.demo_corpus import demo_corpus
     from nda_ann.index import build_index
 
     root = tmp_path_factory.mktemp("cli")

@@ -23,12 +23,12 @@ from PIL import Image
 
 from nda_ann.api import attribute_to_folder
 from nda_ann.atomic import write_json_atomic
-from nda_ann.attribution import Attributor
+from nda_ann.attribution.attributor import Attributor
 from nda_ann.errors import IndexError_, StoreError
 from nda_ann.index import PatchIndex, add_to_index, build_index
-from nda_ann.ingest import PartialIngest, ingest
-from nda_ann.patches import extract_patches
-from nda_ann.store import Store, write_store
+from nda_ann.corpus.ingest import PartialIngest, ingest
+from nda_ann.scoring.patches import extract_patches
+from nda_ann.corpus.store import Store, write_store
 
 build_mod = importlib.import_module("nda_ann.index.build")
 

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from nda_ann.demo import open_or_write_store
-from nda_ann.demo_corpus import demo_corpus
-from nda_ann.exact import exact_scores
-from nda_ann.figures import figure_size
-from nda_ann.store import Store, uint8_to_float
+from nda_ann.corpus.demo_corpus import demo_corpus
+from nda_ann.scoring.exact import exact_scores
+from nda_ann.results.figures import figure_size
+from nda_ann.corpus.store import Store, uint8_to_float
 
 if importlib.util.find_spec("skimage") is None:
     pytest.skip("the demo photographs ship with scikit-image", allow_module_level=True)

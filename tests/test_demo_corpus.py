@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from nda_ann.demo_corpus import Crop, _cut, demo_corpus, load_photos, photo_crops
+from nda_ann.corpus.demo_corpus import Crop, _cut, demo_corpus, load_photos, photo_crops
 
 if importlib.util.find_spec("skimage") is None:
     pytest.skip("the demo photographs ship with scikit-image", allow_module_level=True)

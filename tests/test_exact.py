@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from naive import naive_scale_scores
-from nda_ann.exact import exact_attribution, exact_scores, patch_weights
-from nda_ann.patches import layout_groups
-from nda_ann.scales import Scale
-from nda_ann.schedule import NoiseSchedule
+from nda_ann.scoring.exact import exact_attribution, exact_scores, patch_weights
+from nda_ann.scoring.patches import layout_groups
+from nda_ann.scoring.scales import Scale
+from nda_ann.scoring.schedule import NoiseSchedule
 
 
 def smooth_images(rng, n, c=2, size=6):
@@ -141,7 +141,7 @@ def test_bad_arguments_are_named(rng):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_largest_equals_topk_and_keeps_each_row_s_values(rng, dtype):
-    from nda_ann.dense import largest_
+    from nda_ann.scoring.dense import largest_
 
     x = torch.from_numpy(rng.normal(size=(7, 5, 40))).to(dtype)
     x[0, 0, :10] = 3.0  # ties

@@ -29,17 +29,17 @@ from click.testing import CliRunner
 from PIL import Image
 
 from nda_ann.api import attribute_to_folder
-from nda_ann.attribution import Attributor
+from nda_ann.attribution.attributor import Attributor
 from nda_ann.cli import main
 from nda_ann.errors import IndexError_, StoreError
 from nda_ann.index import PatchIndex, add_to_index, build_index
-from nda_ann.ingest import ingest
-from nda_ann.patches import extract_patches
-from nda_ann.store import Store, write_store
+from nda_ann.corpus.ingest import ingest
+from nda_ann.scoring.patches import extract_patches
+from nda_ann.corpus.store import Store, write_store
 
-ingest_mod = importlib.import_module("nda_ann.ingest")  # the package exports a function of this name
+ingest_mod = importlib.import_module("nda_ann.corpus.ingest")  # the package exports a function of this name
 build_mod = importlib.import_module("nda_ann.index.build")
-report_mod = importlib.import_module("nda_ann.report")
+report_mod = importlib.import_module("nda_ann.results.report")
 
 R = 12
 SCALES = ["5", "6:2"]

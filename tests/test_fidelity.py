@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nda_ann.fidelity import fidelity, rankdata, relative_l1, spearman, subset_sum_spearman, top_overlap
+from nda_ann.results.fidelity import fidelity, rankdata, relative_l1, spearman, subset_sum_spearman, top_overlap
 
 
 def test_rankdata_and_spearman_match_scipy_with_ties(rng):

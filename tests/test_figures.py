@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nda_ann.figures import CELL, MAX_PROPONENTS, PAD, TITLE_HEIGHT, Proponent, colormap, figure_size, render_attribution
+from nda_ann.results.figures import CELL, MAX_PROPONENTS, PAD, TITLE_HEIGHT, Proponent, colormap, figure_size, render_attribution
 
 
 def _images(rng, n):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from nda_ann.attribution import Attributor
-from nda_ann.exact import exact_scores
-from nda_ann.torch_search import TorchFlatSearch
+from nda_ann.attribution.attributor import Attributor
+from nda_ann.scoring.exact import exact_scores
+from nda_ann.index.torch_search import TorchFlatSearch
 
 pytestmark = pytest.mark.gpu
 

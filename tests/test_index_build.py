@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from nda_ann.errors import IndexError_, InputError, NdaError
 from nda_ann.index import PatchIndex, add_to_index, build_index, class_layouts, parse_memory
 from nda_ann.index.factory import auto_nlist, class_specs
-from nda_ann.patches import extract_patches, layout_groups
-from nda_ann.scales import Scale
-from nda_ann.store import write_store
+from nda_ann.scoring.patches import extract_patches, layout_groups
+from nda_ann.scoring.scales import Scale
+from nda_ann.corpus.store import write_store
 
 SCALES = ["5", "6:2"]
 
@@ -285,8 +285,8 @@ def test_gpu_build_matches_cpu_build(stores, tmp_path):
 
 
 def test_thumbnails_are_stored_with_the_index_and_follow_an_add(stores, tmp_path):
-    from nda_ann.inputs import CorpusView
-    from nda_ann.thumbnails import corpus_thumbnails
+    from nda_ann.corpus.inputs import CorpusView
+    from nda_ann.corpus.thumbnails import corpus_thumbnails
 
     index = build_index(stores["a"], tmp_path / "t", ["5"], progress=False)
     first = index.manifest["thumbnails"]["file"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from nda_ann.index import PatchIndex, build_index
-from nda_ann.patches import extract_patches
-from nda_ann.scales import Scale
-from nda_ann.store import write_store
+from nda_ann.scoring.patches import extract_patches
+from nda_ann.scoring.scales import Scale
+from nda_ann.corpus.store import write_store
 
 SCALES = ["5", "6:2"]
 
@@ -206,9 +206,9 @@ def test_mmap_and_in_memory_opens_agree(corpus, flat_index):
 
 
 def real_ish_images(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) uint8 photo crops from nda_ann.demo_corpus when present, else smooth noise."""
+    """(train, held-out) uint8 photo crops from nda_ann.corpus.demo_corpus when present, else smooth noise."""
     try:
-        from nda_ann.demo_corpus import photo_crops
+        from nda_ann.corpus.demo_corpus import photo_crops
 
         return photo_crops(n, size, (3, 0), "train")[0], photo_crops(4, size, (3, 1), "heldout")[0]
     except Exception:  # the demo corpus needs scikit-image's photographs

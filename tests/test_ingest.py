@@ -20,10 +20,10 @@ from PIL import Image
 
 from nda_ann.cli import main
 from nda_ann.errors import InputError, StoreError
-from nda_ann.ingest import ingest
-from nda_ann.store import Store
+from nda_ann.corpus.ingest import ingest
+from nda_ann.corpus.store import Store
 
-ingest_mod = importlib.import_module("nda_ann.ingest")  # the package exports a function of the same name
+ingest_mod = importlib.import_module("nda_ann.corpus.ingest")  # the package exports a function of the same name
 
 R = 8
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +239,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, rng, monkeypatch, caplog):
     saved = json.loads((partial / "checkpoint.json").read_text())["progress"]
     assert saved["inputs_done"] == 6 and (partial / "store" / "images.u8").stat().st_size > saved["rows"] * R * R * 3
     monkeypatch.undo()
-    with caplog.at_level(logging.INFO, logger="nda_ann.ingest"):
+    with caplog.at_level(logging.INFO, logger="nda_ann.corpus.ingest"):
         st = run(src, tmp_path / "store", batch_size=4, workers=2)  # batch size and workers may change
     assert "resuming an interrupted ingest at input 6" in caplog.text
     assert same_store(st, ref) and not partial.exists()
@@ -251,7 +251,7 @@ def test_changed_arguments_start_over(tmp_path, rng, monkeypatch, caplog):
     with pytest.raises(Interrupted):
         run(src, tmp_path / "store", batch_size=2)
     monkeypatch.undo()
-    with caplog.at_level(logging.WARNING, logger="nda_ann.ingest"):
+    with caplog.at_level(logging.WARNING, logger="nda_ann.corpus.ingest"):
         st = run(src, tmp_path / "store", channels=1, batch_size=2)
     assert "changed since the interrupted ingest; starting over" in caplog.text
     assert same_store(st, run(src, tmp_path / "ref", channels=1))
@@ -261,7 +261,7 @@ def test_resume_after_sigkill(tmp_path, rng):
     src = make_folder(tmp_path / "src", rng, n=8)
     store = tmp_path / "store"
     code = (
-        "import importlib, os, signal\nm = importlib.import_module('nda_ann.ingest')\n"
+        "import importlib, os, signal\nm = importlib.import_module('nda_ann.corpus.ingest')\n"
         "def hook(n):\n"
         "    if n == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
         "m._before_checkpoint = hook\n"

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from nda_ann.attribution import Attributor
-from nda_ann.exact import exact_scores
-from nda_ann.inputs import CorpusView
-from nda_ann.outside import Guide, _counted, estimate_outside, non_candidates
-from nda_ann.patches import extract_patches, layout_groups
-from nda_ann.scales import Scale
-from nda_ann.store import uint8_to_float
-from nda_ann.torch_search import TorchFlatSearch
+from nda_ann.attribution.attributor import Attributor
+from nda_ann.scoring.exact import exact_scores
+from nda_ann.corpus.inputs import CorpusView
+from nda_ann.attribution.outside import Guide, _counted, estimate_outside, non_candidates
+from nda_ann.scoring.patches import extract_patches, layout_groups
+from nda_ann.scoring.scales import Scale
+from nda_ann.corpus.store import uint8_to_float
+from nda_ann.index.torch_search import TorchFlatSearch
 
 
 @pytest.fixture(scope="module")
 def crops():
-    from nda_ann.demo_corpus import demo_corpus
+    from nda_ann.corpus.demo_corpus import demo_corpus
 
     dc = demo_corpus(n_train=30, n_queries=2, seed=5)
     small = torch.nn.functional.avg_pool2d(uint8_to_float(dc.train), 2)[:, :, 3:13, 3:13].contiguous()  # 10x10
@@ -130,7 +130,7 @@ def _per_class_outside(corpus, qp, groups, scale, s, inv, known_image, known_pos
     """estimate_outside's sampled estimator written pair by pair (one chunk): the same draws in the
     same order, so the same estimate. Returns (estimate (L,), the number of sampled pairs excluded
     as already counted)."""
-    from nda_ann.patches import patch_view
+    from nda_ann.scoring.patches import patch_view
 
     npos = qp.shape[0]
     out = torch.full((npos,), -math.inf, dtype=torch.float64)

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from nda_ann.results import MEAN_TIMESTEP, SCHEMA, format_top_table, scores_table, write_parquet_atomic
+from nda_ann.results.tables import MEAN_TIMESTEP, SCHEMA, format_top_table, scores_table, write_parquet_atomic
 
 
 def _reference(scores, timesteps, sources, names, min_score, max_rank, with_mean):

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from nda_ann.errors import InputError
-from nda_ann.sources import DecodeError, FolderSource, NpySource, ParquetSource, open_image, open_source
-from nda_ann.transform import resize_center_crop, to_array
+from nda_ann.corpus.sources import DecodeError, FolderSource, NpySource, ParquetSource, open_image, open_source
+from nda_ann.corpus.transform import resize_center_crop, to_array
 
 R = 16
 BIG = 1 << 27

@@ -29,7 +29,7 @@ CONFIGS = {
 def corpus(n: int, queries: int, work: Path):
     """(store, queries (Q, C, 32, 32) float) of n training crops; the store is cached."""
     from nda_ann import Store, demo_corpus, write_store
-    from nda_ann.store import uint8_to_float
+    from nda_ann.corpus.store import uint8_to_float
 
     dc = demo_corpus(n_train=n, n_queries=queries, seed=0)
     path = work / f"store-{n}"
@@ -72,7 +72,7 @@ def exact_cached(store, queries, cfg_name: str, timesteps, work: Path) -> np.nda
 
 
 def summarize(approx: np.ndarray, exact: np.ndarray) -> dict[str, float]:
-    from nda_ann.fidelity import fidelity_table
+    from nda_ann.results.fidelity import fidelity_table
 
     rows = fidelity_table(approx[None], exact[None])
     return {k: float(np.mean([r[k] for r in rows])) for k in ("top10_overlap", "spearman", "subset_sum_spearman", "relative_l1")}
@@ -80,7 +80,7 @@ def summarize(approx: np.ndarray, exact: np.ndarray) -> dict[str, float]:
 
 def fidelity(args) -> None:
     from nda_ann import Attributor, Store
-    from nda_ann.inputs import CorpusView
+    from nda_ann.corpus.inputs import CorpusView
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def plot_fidelity(rows, path: Path) -> None:
 
 def speed(args) -> None:
     from nda_ann import Attributor, Store, exact_scores
-    from nda_ann.inputs import CorpusView
+    from nda_ann.corpus.inputs import CorpusView
     from warm import warm_page_cache
 
     work = Path(args.work)
@@ -189,7 +189,7 @@ def speed(args) -> None:
     if args.no_write:
         return
     from bench_md import machine, update_section
-    from nda_ann.attribution import DEFAULT_CANDIDATES
+    from nda_ann.attribution.attributor import DEFAULT_CANDIDATES
 
     b1, bmax = f"index_s_per_query_b{args.batch[0]}", f"index_s_per_query_b{args.batch[-1]}"
     lines = ["## Index path vs exact: time against N (tools/bench_attribute.py speed)", "",

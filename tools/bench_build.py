@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nda_ann.store import Store, write_store  # noqa: E402
+from nda_ann.corpus.store import Store, write_store  # noqa: E402
 
 BEGIN, END = "<!-- bench_build -->", "<!-- /bench_build -->"
 
@@ -41,7 +41,7 @@ def photo_store(workdir: Path, n: int, seed: int = 0) -> Store:
     if (path / "manifest.json").exists():
         return Store.open(path)
     try:
-        from nda_ann.demo_corpus import photo_crops
+        from nda_ann.corpus.demo_corpus import photo_crops
 
         images = photo_crops(n, 32, (seed, 0), "train", rotate=True, jitter=True)[0]
     except ImportError:  # no demo corpus: smooth random images
@@ -54,7 +54,7 @@ def photo_store(workdir: Path, n: int, seed: int = 0) -> Store:
 
 
 def held_out(n: int = 4) -> np.ndarray:
-    from nda_ann.demo_corpus import photo_crops
+    from nda_ann.corpus.demo_corpus import photo_crops
 
     return photo_crops(n, 32, (0, 1), "heldout")[0]
 
@@ -83,7 +83,7 @@ ix = build_index(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), factory=sys.
 SERVE = """
 import sys, json, time, numpy as np, torch
 from nda_ann.index import PatchIndex
-from nda_ann.patches import extract_patches
+from nda_ann.scoring.patches import extract_patches
 q = torch.from_numpy(np.load(sys.argv[2])).permute(0, 3, 1, 2).float() / 127.5 - 1
 ix = PatchIndex.open(sys.argv[1], mmap=True)
 out = {}
@@ -125,8 +125,8 @@ def bench_layout_cost(workdir: Path, n: int = 1000, k: int = 256) -> dict:
     import torch
 
     from nda_ann.index import build_index
-    from nda_ann.patches import extract_patches
-    from nda_ann.scales import Scale
+    from nda_ann.scoring.patches import extract_patches
+    from nda_ann.scoring.scales import Scale
 
     store = photo_store(workdir, n)
     ix = build_index(store, workdir / f"flat-{n}", ["7"], factory="Flat", overwrite=True, progress=False)
@@ -152,8 +152,8 @@ import sys, json, re, time, resource, logging
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 from pathlib import Path
 from dataclasses import replace
-from nda_ann.store import Store
-from nda_ann.scales import Scale
+from nda_ann.corpus.store import Store
+from nda_ann.scoring.scales import Scale
 from nda_ann.index.plan import plan_scale, specs_of, batch_images
 from nda_ann.index.layout_ids import class_layouts
 from nda_ann.index.factory import make_index, code_bytes, train_size_for
@@ -203,7 +203,7 @@ def bench_large(workdir: Path, total: int, fraction: int, scales: list[str], bud
     """What auto plans for ``total`` images, and the production code measured on ``fraction`` images."""
     from nda_ann.index.factory import parse_memory
     from nda_ann.index.plan import kind_factories, plan_scale
-    from nda_ann.scales import Scale
+    from nda_ann.scoring.scales import Scale
 
     b = parse_memory(budget)
     plans = {}
@@ -243,8 +243,8 @@ def bench_recall(workdir: Path, n: int = 600, k: int = 100) -> dict:
 
     from nda_ann.index.factory import auto_nlist
     from nda_ann.index.layout_ids import class_layouts
-    from nda_ann.patches import extract_patches
-    from nda_ann.scales import Scale
+    from nda_ann.scoring.patches import extract_patches
+    from nda_ann.scoring.scales import Scale
 
     store = photo_store(workdir, n)
     s = Scale(7)
@@ -306,7 +306,7 @@ def report(full: dict, serve: dict, layout: dict, large: dict, budget: str, reca
     lines = [BEGIN, "## Index build (tools/bench_build.py)", "",
              f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load {os.getloadavg()[0]:.1f} at the end), "
              f"faiss {faiss.__version__}, torch {torch.__version__}, CPU only. 32x32x3 photo crops (rotated, colour-jittered) "
-             f"from nda_ann.demo_corpus; memory budget {budget}; run once with `nice -n 10`.", "",
+             f"from nda_ann.corpus.demo_corpus; memory budget {budget}; run once with `nice -n 10`.", "",
              f"### {full['images']:,} images, scales 7 and 14:2, stride 1, `--factory auto`: full build, measured", "",
              "| scale | vectors | on disk | bytes/vector | interior | edge | corner |", "|---|---|---|---|---|---|---|"]
     for sc, s in full["scales"].items():

@@ -22,7 +22,7 @@ def run_one(n: int, queries: int, precision: str, scale: str, timestep: int) -> 
     import torch
 
     from nda_ann import demo_corpus, exact_scores
-    from nda_ann.store import uint8_to_float
+    from nda_ann.corpus.store import uint8_to_float
 
     dc = demo_corpus(n_train=n, n_queries=queries, seed=0)
     corpus, q = uint8_to_float(dc.train), uint8_to_float(dc.queries)

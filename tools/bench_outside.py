@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import nda_ann.attribution as attribution  # noqa: E402
+import nda_ann.attribution.attributor as attribution  # noqa: E402
 from bench_attribute import summarize  # noqa: E402
 from nda_ann import Attributor, Store  # noqa: E402
-from nda_ann.dense import log_masses  # noqa: E402
-from nda_ann.inputs import CorpusView  # noqa: E402
-from nda_ann.patches import extract_patches  # noqa: E402
-from nda_ann.schedule import NoiseSchedule, noise_images  # noqa: E402
+from nda_ann.scoring.dense import log_masses  # noqa: E402
+from nda_ann.corpus.inputs import CorpusView  # noqa: E402
+from nda_ann.scoring.patches import extract_patches  # noqa: E402
+from nda_ann.scoring.schedule import NoiseSchedule, noise_images  # noqa: E402
 
 
 def exact_log_normalisers(view: CorpusView, queries: torch.Tensor, att: Attributor, t: int, work: Path) -> torch.Tensor:

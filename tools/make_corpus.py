@@ -35,7 +35,7 @@ try:
 except ModuleNotFoundError:  # run from a checkout without installing: use the repository's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nda_ann.atomic import atomic_file, write_json_atomic  # noqa: E402
-from nda_ann.demo_corpus import iter_photo_crops, load_photos  # noqa: E402
+from nda_ann.corpus.demo_corpus import iter_photo_crops, load_photos  # noqa: E402
 
 ROW_GROUP = 5000
 GENERATOR = "nda-ann make_corpus v1"  # bump when the crop recipe changes: old shards then mismatch

@@ -83,8 +83,8 @@ def timed(cmd: list[str], log: Path) -> dict:
 
 def queries():
     """(Q, 3, 32, 32) float held-out queries (the demo corpus's held-out strips) and their names."""
-    from nda_ann.demo_corpus import demo_corpus
-    from nda_ann.store import uint8_to_float
+    from nda_ann.corpus.demo_corpus import demo_corpus
+    from nda_ann.corpus.store import uint8_to_float
 
     dc = demo_corpus(n_train=100, n_queries=QUERIES, seed=0)
     return uint8_to_float(dc.queries)
@@ -209,7 +209,7 @@ def stage_exact(work: Path, size: str, args) -> None:
 def stage_fidelity(work: Path, size: str, args) -> None:
     """SPEC section 5 metrics of the serve scores, and of K / M / tail variants, against exact."""
     from nda_ann import Attributor
-    from nda_ann.fidelity import fidelity_table
+    from nda_ann.results.fidelity import fidelity_table
 
     n = SIZES[size]
     done = [q for q in range(QUERIES) if (work / f"exact-{size}-q{q}.npy").exists()]
@@ -249,7 +249,7 @@ CONFIGS = {
 def stage_configs(work: Path, size: str, args) -> None:
     """Build each of CONFIGS on one store and measure fidelity (M = 200, 500) against exact."""
     from nda_ann import Attributor, build_index
-    from nda_ann.fidelity import fidelity_table
+    from nda_ann.results.fidelity import fidelity_table
 
     done = [q for q in range(QUERIES) if (work / f"exact-{size}-q{q}.npy").exists()]
     if not done:

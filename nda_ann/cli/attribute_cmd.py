@@ -14,7 +14,7 @@ class ScaleParam(click.ParamType):
     name = "scale"
 
     def convert(self, value, param, ctx):
-        from ..scales import Scale
+        from ..scoring.scales import Scale
 
         try:
             return Scale.parse(value)

@@ -24,7 +24,7 @@ def demo(out_dir: Path, n_train: int, n_queries: int, timestep: int, scale: str,
     crops with the exact scorer, print the top 5 per query and write figures."""
     from ..demo import run_demo  # imported here so `nda-ann --help` stays fast
     from ..errors import NdaError
-    from ..scales import Scale
+    from ..scoring.scales import Scale
 
     try:
         Scale.parse(scale)

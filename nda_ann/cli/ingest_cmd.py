@@ -6,8 +6,8 @@ from pathlib import Path
 import click
 
 from ..errors import NdaError
-from ..ingest import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, ingest
-from ..store import Store
+from ..corpus.ingest import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, ingest
+from ..corpus.store import Store
 from .group import main
 
 

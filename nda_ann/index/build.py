@@ -18,8 +18,8 @@ from typing import Any, Iterator, Sequence
 
 from ..atomic import publish_dir, write_json_atomic
 from ..errors import IndexError_, InputError
-from ..scales import Scale, ScaleLike, parse_scales
-from ..store import Store
+from ..scoring.scales import Scale, ScaleLike, parse_scales
+from ..corpus.store import Store
 from .factory import FLAT_MAX, IVF_MAX, parse_memory
 from .gpu import device_name, resolve_gpu
 from .layout_ids import INDEX_CLASSES, ClassLayout

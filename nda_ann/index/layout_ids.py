@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..patches import candidate_grid, layout_groups
-from ..scales import Scale
+from ..scoring.patches import candidate_grid, layout_groups
+from ..scoring.scales import Scale
 
 STRIDE_RULE = (
-    "nda_ann.patches.candidate_grid: a grid coordinate i (row or column) is kept iff its patch is "
+    "nda_ann.scoring.patches.candidate_grid: a grid coordinate i (row or column) is kept iff its patch is "
     "clipped along that axis (a border coordinate) or i % stride == 0; a position (row, col) is "
     "indexed iff both its coordinates are kept. Border classes are thinned only along their free "
     "axis; stride 1 indexes every position."

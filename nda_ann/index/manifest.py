@@ -26,7 +26,7 @@ import torch
 
 from .. import __version__
 from ..errors import IndexError_
-from ..scales import Scale
+from ..scoring.scales import Scale
 from .layout_ids import ClassLayout, class_layouts
 
 INDEX_FORMAT = "nda-ann-index"

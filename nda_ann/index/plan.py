@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..scales import Scale
+from ..scoring.scales import Scale
 from .factory import ClassSpec, class_specs, pixel_codes
 from .layout_ids import INTERIOR_RULE, STRIDE_RULE, ClassLayout, class_layouts
 from .manifest import scale_dir

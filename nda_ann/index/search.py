@@ -10,7 +10,7 @@ import torch
 
 from ..atomic import FolderIdentity, wait_for_folder
 from ..errors import IndexError_, InputError
-from ..scales import Scale, ScaleLike
+from ..scoring.scales import Scale, ScaleLike
 from .factory import pixel_codes
 from .layout_ids import ClassLayout
 from .manifest import check_files, class_file, layouts_of, read_manifest, resolve_index_path

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 from ..atomic import fsync_dir, write_json_atomic
 from ..errors import IndexError_
-from ..patches import extract_patches
-from ..scales import Scale
-from ..store import Store
+from ..scoring.patches import extract_patches
+from ..scoring.scales import Scale
+from ..corpus.store import Store
 from .factory import ClassSpec, check_pixel_grid, make_index, pixel_codes
 from .gpu import to_gpu
 from .layout_ids import ClassLayout

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..inputs import CorpusView
-from ..thumbnails import THUMB_SIDE, corpus_thumbnails
+from ..corpus.inputs import CorpusView
+from ..corpus.thumbnails import THUMB_SIDE, corpus_thumbnails
 
 
 def thumbs_name(count: int) -> str:

@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..patches import extract_patches
-from ..scales import Scale
-from ..store import Store
+from ..scoring.patches import extract_patches
+from ..scoring.scales import Scale
+from ..corpus.store import Store
 from .factory import ClassSpec, check_pixel_grid, make_index, pixel_codes, set_pixel_ranges
 from .gpu import gpu_clustering
 from .layout_ids import ClassLayout

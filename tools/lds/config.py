@@ -33,7 +33,7 @@ class LdsConfig:
     n_heldout: int = 24  # held-out real queries
     n_generated: int = 24  # queries sampled from the full model
     data_seed: int = 0
-    corpus: str = "photos"  # "photos" (nda_ann.demo_corpus) or a path to an .npz with uint8 'train' and 'heldout'
+    corpus: str = "photos"  # "photos" (nda_ann.corpus.demo_corpus) or a path to an .npz with uint8 'train' and 'heldout'
     # subsets -----------------------------------------------------------------------------
     n_subsets: int = 20
     subset_fraction: float = 0.5

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nda_ann.store import uint8_to_float
+from nda_ann.corpus.store import uint8_to_float
 
 from .config import LdsConfig
 
@@ -25,10 +25,10 @@ class Dataset:
 
 
 def load_dataset(config: LdsConfig) -> Dataset:
-    """Real photo crops (nda_ann.demo_corpus; training and held-out crops never share pixels), or
+    """Real photo crops (nda_ann.corpus.demo_corpus; training and held-out crops never share pixels), or
     the ``train``/``heldout`` uint8 (N, H, W, C) arrays of an .npz file (e.g. a CIFAR-2 export)."""
     if config.corpus == "photos":
-        from nda_ann.demo_corpus import demo_corpus
+        from nda_ann.corpus.demo_corpus import demo_corpus
 
         dc = demo_corpus(config.n_train, config.n_heldout, size=config.size, seed=config.data_seed)
         return Dataset(uint8_to_float(dc.train), uint8_to_float(dc.queries), dc.train_sources, dc.query_sources)

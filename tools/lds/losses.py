@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nda_ann.schedule import NoiseSchedule
+from nda_ann.scoring.schedule import NoiseSchedule
 
 from .unet import UNet
 

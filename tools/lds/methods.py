@@ -1,6 +1,6 @@
 """Attribution methods compared by LDS. Each returns scores (Q, N): higher = more credit to image n.
 
-- exact NDA (nda_ann.exact) at one scale or two fused scales, one timestep;
+- exact NDA (nda_ann.scoring.exact) at one scale or two fused scales, one timestep;
 - index NDA: ``Attributor`` over a ``TorchFlatSearch`` (no FAISS build), default k, M candidates;
 - raw pixels: negative squared L2 distance, cosine similarity;
 - TRAK-style: randomly projected per-example gradients on the full model, scored
@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nda_ann.schedule import NoiseSchedule
+from nda_ann.scoring.schedule import NoiseSchedule
 
 from .config import LdsConfig
 from .losses import fixed_noise, loss_timesteps
@@ -80,7 +80,7 @@ def method_specs(config: LdsConfig) -> list[MethodSpec]:
 # ---------------------------------------------------------------------------------------------
 def nda_exact_sweep(train: torch.Tensor, queries: torch.Tensor, config: LdsConfig, timesteps: list[int], scales: str, device: torch.device) -> np.ndarray:
     """(T, Q, N) exact NDA scores at several timesteps for one scale spec ('5' or '5+8:2')."""
-    from nda_ann.exact import exact_scores
+    from nda_ann.scoring.exact import exact_scores
 
     sc = _scales(scales)
     return exact_scores(
@@ -96,8 +96,8 @@ def nda_exact(train, queries, config: LdsConfig, t: int, scales: str, device) ->
 
 def nda_index(train: torch.Tensor, queries: torch.Tensor, config: LdsConfig, t: int, scales: str, candidates: int, device: torch.device) -> np.ndarray:
     """(Q, N) index NDA: TorchFlatSearch + Attributor at its default settings except k, M, topk."""
-    from nda_ann.attribution import Attributor
-    from nda_ann.torch_search import TorchFlatSearch
+    from nda_ann.attribution.attributor import Attributor
+    from nda_ann.index.torch_search import TorchFlatSearch
 
     sc = _scales(scales)
     searcher = TorchFlatSearch(train, sc, device=device)

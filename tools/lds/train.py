@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nda_ann.schedule import NoiseSchedule
+from nda_ann.scoring.schedule import NoiseSchedule
 
 from .config import LdsConfig
 from .unet import UNet, UNetConfig

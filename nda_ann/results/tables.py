@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
 
 MEAN_TIMESTEP = -1
 SCHEMA = pa.schema(

@@ -17,15 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .dense import chunk_size, log_masses
-from .device import describe_device, resolve_device, resolve_dtype
-from .inputs import CorpusView, as_float_images, check_compatible
+from ..device import describe_device, resolve_device, resolve_dtype
+from ..corpus.inputs import CorpusView, as_float_images, check_compatible
 from .patches import extract_patches, layout_groups
 from .scales import Scale, ScaleLike, parse_scales
 from .schedule import NoiseSchedule, noise_images
-from .store import Store
-from .units import parse_bytes
+from ..corpus.store import Store
+from ..units import parse_bytes
 
-log = logging.getLogger("nda_ann.exact")
+log = logging.getLogger("nda_ann.scoring.exact")
 
 
 def scale_weights(scales: list[Scale], alpha: float | None) -> list[float]:

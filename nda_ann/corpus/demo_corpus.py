@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 
 Region = Literal["train", "heldout"]
 

@@ -20,8 +20,8 @@ import math
 import numpy as np
 import torch
 
-from .patches import LayoutGroup, patch_view
-from .scales import Scale
+from ..scoring.patches import LayoutGroup, patch_view
+from ..scoring.scales import Scale
 
 
 def non_candidates(cand: np.ndarray, rank: np.ndarray) -> np.ndarray:

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import staging_dir, write_json_atomic
-from .attribution import Attribution
-from .errors import InputError
+from ..atomic import staging_dir, write_json_atomic
+from ..attribution.attributor import Attribution
+from ..errors import InputError
 from .figures import Proponent, render_attribution
-from .inputs import CorpusView
-from .results import format_top_table, write_parquet_atomic
+from ..corpus.inputs import CorpusView
+from .tables import format_top_table, write_parquet_atomic
 
 SHOWN = 8
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
 
 CELL = 96
 PAD = 8

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import __version__
-from .atomic import FolderIdentity, staging_dir, wait_for_folder, write_json_atomic
-from .errors import StoreError
+from .. import __version__
+from ..atomic import FolderIdentity, staging_dir, wait_for_folder, write_json_atomic
+from ..errors import StoreError
 
 STORE_FORMAT = "nda-ann-store"
 STORE_SCHEMA_VERSION = 1
@@ -178,7 +178,7 @@ def write_store(
 ) -> Store:
     """Publish a store from an in-memory (N, R, R, C) uint8 array (tests, demo, small corpora).
 
-    Large sources go through ``nda_ann.ingest``, which streams into the same format.
+    Large sources go through ``nda_ann.corpus.ingest``, which streams into the same format.
     """
     images = np.ascontiguousarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] not in (1, 3):

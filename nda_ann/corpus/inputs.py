@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .store import Store, uint8_to_float
 
 

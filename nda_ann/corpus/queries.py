@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 from .inputs import as_float_images
 from .sources import IMAGE_EXTENSIONS, DecodeError, load, open_image, open_source
 from .store import MANIFEST_FILE, Store, uint8_to_float

@@ -40,8 +40,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import transform
-from .atomic import publish_dir, write_json_atomic
-from .errors import InputError, StoreError
+from ..atomic import publish_dir, write_json_atomic
+from ..errors import InputError, StoreError
 from .sources import DecodeError, Item, content_hash, load, open_image, open_source
 from .store import IMAGES_FILE, MANIFEST_FILE, RECORDS_FILE, STORE_SCHEMA_VERSION, Store, make_manifest
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .device import resolve_device
-from .inputs import CorpusView
-from .patches import candidate_grid, extract_patches, layout_groups
-from .scales import Scale
+from ..device import resolve_device
+from ..corpus.inputs import CorpusView
+from ..scoring.patches import candidate_grid, extract_patches, layout_groups
+from ..scoring.scales import Scale
 
 
 class TorchFlatSearch:

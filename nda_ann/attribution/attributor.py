@@ -23,18 +23,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .dense import chunk_size, log_masses
-from .device import describe_device, resolve_device, resolve_dtype
-from .exact import positions_to_pixels, scale_weights
-from .inputs import CorpusView, check_compatible
+from ..scoring.dense import chunk_size, log_masses
+from ..device import describe_device, resolve_device, resolve_dtype
+from ..scoring.exact import positions_to_pixels, scale_weights
+from ..corpus.inputs import CorpusView, check_compatible
 from .outside import Guide, estimate_outside
-from .patches import extract_patches, layout_groups
-from .scales import Scale
-from .schedule import NoiseSchedule, noise_images
-from .thumbnails import corpus_thumbnails, nearest_thumbnails, thumbnails
-from .units import parse_bytes
+from ..scoring.patches import extract_patches, layout_groups
+from ..scoring.scales import Scale
+from ..scoring.schedule import NoiseSchedule, noise_images
+from ..corpus.thumbnails import corpus_thumbnails, nearest_thumbnails, thumbnails
+from ..units import parse_bytes
 
-log = logging.getLogger("nda_ann.attribution")
+log = logging.getLogger("nda_ann.attribution.attributor")
 
 Mode = Literal["rescore", "fast"]
 
@@ -190,7 +190,7 @@ class Attribution:
         """
         import pyarrow as pa
 
-        from .results import MEAN_TIMESTEP, SCHEMA
+        from ..results.tables import MEAN_TIMESTEP, SCHEMA
 
         cols: dict[str, list] = {name: [] for name in SCHEMA.names}
         slots = [(t, t) for t in self.timesteps] + ([(None, MEAN_TIMESTEP)] if len(self.timesteps) > 1 else [])
@@ -217,7 +217,7 @@ class Attribution:
 
     def to_parquet(self, path) -> None:
         """Write ``to_table()`` atomically to ``path``."""
-        from .results import write_parquet_atomic
+        from ..results.tables import write_parquet_atomic
 
         write_parquet_atomic(self.to_table(), path)
 
@@ -273,9 +273,9 @@ class Attributor:
     @classmethod
     def open(cls, index_path, device="auto", mmap: bool = True) -> "Attributor":
         """Open an index built by ``nda-ann build`` together with the store(s) it was built from."""
-        from .errors import IndexError_
-        from .index import PatchIndex
-        from .store import Store
+        from ..errors import IndexError_
+        from ..index import PatchIndex
+        from ..corpus.store import Store
 
         index = PatchIndex.open(index_path, mmap=mmap)
         stores = [Store.open(p) for p in index.store_paths()]
@@ -339,7 +339,7 @@ class Attributor:
         images, one position each per layout class, estimate the non-candidates' share of the
         normaliser.
         """
-        from .queries import load_queries
+        from ..corpus.queries import load_queries
 
         queries, qnames = load_queries(images, self.corpus.shape, names=names)
         check_compatible(queries, self.corpus.shape, "index")
