@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from nda_ann.attribution.attributor import Attributor
+from nda_ann.attribution.rerank import proxy_groups, proxy_scores
 from nda_ann.scoring.exact import exact_scores
 from nda_ann.scoring.patches import extract_patches, layout_of_positions
 from nda_ann.scoring.scales import Scale
@@ -232,11 +233,12 @@ def test_rerank_by_exact_mass_on_a_query_subset_recovers_the_best_candidates(cro
     pool = np.arange(len(corpus))
     s, sigma2 = 0.946101, 1 - 0.895141
     noisy = [queries[:1] * s + sigma2 ** 0.5 * torch.randn_like(queries[:1])]
-    proxy = att._proxy_scores(0, pool, noisy, s, sigma2, [1.0], 1, torch.float64)
+    patches = {(0, Scale(3)): extract_patches(noisy[0].double(), Scale(3))}
+    proxy = proxy_scores(att.corpus, pool, patches, att.groups, att.scales, [1.0], 1, s, sigma2, att.budget)
     qp = extract_patches(noisy[0].double(), Scale(3))[0]
     cp = extract_patches(corpus.double() * s, Scale(3))
     want = np.zeros(len(pool))
-    groups = att._proxy_groups(Scale(3))
+    groups = proxy_groups(att.groups[Scale(3)], Scale(3).grid(12))
     for qpos, cpos, weight in groups:
         for u in qpos.tolist():
             d = ((cp[:, cpos] - qp[u]) ** 2).sum(-1)  # (N, |cpos|)

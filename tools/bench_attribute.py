@@ -189,7 +189,7 @@ def speed(args) -> None:
     if args.no_write:
         return
     from bench_md import machine, update_section
-    from nda_ann.attribution.attributor import DEFAULT_CANDIDATES
+    from nda_ann.attribution.settings import DEFAULT_CANDIDATES
 
     b1, bmax = f"index_s_per_query_b{args.batch[0]}", f"index_s_per_query_b{args.batch[-1]}"
     lines = ["## Index path vs exact: time against N (tools/bench_attribute.py speed)", "",

@@ -28,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nda_ann.attribution.attributor as attribution  # noqa: E402
+from nda_ann.attribution.settings import DEFAULT_OUTSIDE_SAMPLE  # noqa: E402
 from bench_attribute import summarize  # noqa: E402
 from nda_ann import Attributor, Store  # noqa: E402
+from nda_ann.attribution.rescore import Rescored  # noqa: E402
 from nda_ann.scoring.dense import log_masses  # noqa: E402
 from nda_ann.corpus.inputs import CorpusView  # noqa: E402
 from nda_ann.scoring.patches import extract_patches  # noqa: E402
@@ -58,24 +60,20 @@ class OracleAttributor(Attributor):
     log_z: torch.Tensor | None = None
     exact: np.ndarray | None = None
 
-    def _attribute_one(self, q, b, *args, **kwargs):
-        self._query = q  # the query index (b is its row in the search block) the oracles are read for
-        return super()._attribute_one(q, b, *args, **kwargs)
-
-    def _select_candidates(self, mass, noisy, b, s, m, share):
+    def _candidates(self, q, mass, m, *args, **kwargs):
         if self.exact is None:
-            return super()._select_candidates(mass, noisy, b, s, m, share)
-        return np.sort(np.argsort(-self.exact[self._query], kind="stable")[:m])
+            return super()._candidates(q, mass, m, *args, **kwargs)
+        return np.sort(np.argsort(-self.exact[q], kind="stable")[:m])
 
-    def _rescore(self, cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype):
+    def _rescore(self, q, cand, patches, weights, settings, s, sigma2, retrieved_out, sampled):
         if self.log_z is None:
-            return super()._rescore(cand, retrieved_out, sampled, qps, s, sigma2, weights, draws, topk, dtype)
+            return super()._rescore(q, cand, patches, weights, settings, s, sigma2, retrieved_out, sampled)
         sc = self.scales[0]
-        full, agg = log_masses(qps[(0, sc)].double(), extract_patches(self.corpus.take(cand).double() * s, sc), self.groups[sc], 1 / (2 * sigma2), topk)
-        log_z = self.log_z[self._query]
+        full, agg = log_masses(patches[(0, sc)].double(), extract_patches(self.corpus.take(cand).double() * s, sc), self.groups[sc], 1 / (2 * sigma2), settings.topk)
+        log_z = self.log_z[q]
         scores = torch.exp(agg[0] - log_z[:, None]).sum(0).numpy()
         outside = 1 - float(torch.exp(torch.logsumexp(full[0], -1) - log_z).mean())
-        return cand, scores, {}, np.array([outside]), {(0, sc): log_z}
+        return Rescored(cand, scores, {}, np.array([outside]), {(0, sc): log_z})
 
 
 def main() -> None:
@@ -132,7 +130,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     for size in args.samples:
-        run(f"guided sample of {size:,} images (default: {attribution.DEFAULT_OUTSIDE_SAMPLE:,})", sample=size)
+        run(f"guided sample of {size:,} images (default: {DEFAULT_OUTSIDE_SAMPLE:,})", sample=size)
     for size in args.samples:
         run(f"uniform sample of {size:,} images", sample=size, guide=0.0)
     run("retrieved patches only (no sample)", sample=0)

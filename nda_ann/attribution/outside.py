@@ -151,3 +151,20 @@ def estimate_outside(
             logits[torch.from_numpy(_counted(chunk[img_idx] * npos + at, known_keys[pos.numpy()]))] = -math.inf
             log_mass[pos] = torch.logaddexp(log_mass[pos], torch.logsumexp(logits + torch.from_numpy(pair_w)[None], -1))
     return log_mass
+
+
+def sample_outside(corpus, cand: np.ndarray, known: dict, patches: dict, groups: dict, scales: list, s: float, sigma2: float,
+                   size: int, seed: tuple[int, int], mass: np.ndarray, guide_share: float, budget: int) -> dict:
+    """Per (draw, scale): (L,) log of the estimated mass of the non-candidates' patches not counted in
+    ``known`` (known.py), from ``size`` sampled images; {} when there is nothing to estimate.
+    The draws depend only on (seed, t, draw, scale), not on the query's place in its batch.
+    ``patches``: the query's (1, L, D) noised patch vectors per (draw, scale)."""
+    if size <= 0 or len(cand) >= corpus.count:
+        return {}
+    guide = Guide(corpus.count, cand, mass, guide_share)
+    out = {}
+    for (d, sc), qp in patches.items():
+        _, img, pos = known[(d, sc)]
+        rng = np.random.default_rng([*seed, d, scales.index(sc)])
+        out[(d, sc)] = estimate_outside(corpus, qp[0], groups[sc], sc, s, 1.0 / (2.0 * sigma2), img, pos, size, guide, rng, budget)
+    return out

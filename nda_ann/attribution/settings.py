@@ -1,0 +1,120 @@
+"""The settings of one attribution run: one typed object, validated once, recorded in summary.json.
+
+The defaults come from measured curves; each constant names the BENCHMARKS.md section behind it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
+
+from ..scoring.schedule import NoiseSchedule
+
+Mode = Literal["rescore", "fast"]
+
+# Default M by noise level, from the measured curves (BENCHMARKS.md "defaults_t100_3000" / "_5000",
+# "defaults_t300_*", "outside_5000"), tail scores on, 18 queries. At t = 100 (sigma^2 = 0.10)
+# M = 150 gives top-10 overlap 0.99 / 1.00 and subset-sum Spearman 0.998 / 0.996 on 3,000 / 5,000
+# crops (M = 120: 0.995 on 5,000, on the target's edge; M = 200: 0.997 for a third more dense work).
+# At t = 300 (sigma^2 = 0.61) on 5,000 crops M = 500 gives 0.94 / 0.87 (the 57% of the mass outside
+# the M caps subset-sum even with exact candidates and normaliser) and M = 1,000 0.97 / 0.92.
+DEFAULT_CANDIDATES = 150            # sigma^2 < BROAD_SIGMA2
+DEFAULT_CANDIDATES_BROAD = 1000     # sigma^2 >= BROAD_SIGMA2
+BROAD_SIGMA2 = 0.3
+# re-ranking of a candidate pool (``rerank`` x M images, by retrieved mass) by their exact mass at a
+# subset of query positions (rerank.py). Off by default: measured on 5,000 crops with a stride-4 index
+# at t = 100, M = 200 (BENCHMARKS.md, "rerank_5000"), x 4 moved subset-sum Spearman 0.945 -> 0.960 but
+# top-10 overlap 0.87 -> 0.85, for 55% more dense work.
+DEFAULT_RERANK = 1
+# non-candidate images sampled per query, scale and noise draw (one position of each per layout
+# class) to estimate the non-candidates' share of the normaliser (outside.py), half of them drawn
+# towards the images whose patches were retrieved (GUIDE_SHARE). Measured (BENCHMARKS.md
+# "outside_5000", "outside_100k", "defaults_t300_5000"): on 5,000 crops at t = 300,
+# M = 500 top-10 overlap 0.87 -> 0.98 against the earlier 32-image sample (oracle normaliser: 1.00),
+# the same from 512 to 8,192 images; 18 queries at M = 1,000: 0.96 / 0.922 at 512 and 2,048 alike.
+# About 0.03 s per query at 512 (0.1 s at 2,048).
+DEFAULT_OUTSIDE_SAMPLE = 512
+GUIDE_SHARE = 0.5
+
+
+def default_candidates(sigma2: float) -> int:
+    """The default M at noise variance sigma^2 (more candidates where the posterior is broad)."""
+    return DEFAULT_CANDIDATES if sigma2 < BROAD_SIGMA2 else DEFAULT_CANDIDATES_BROAD
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class AttributionSettings:
+    """Every knob of one attribution run (recorded in summary.json). Build with ``create``."""
+
+    timesteps: list[int]
+    k: int = 1024
+    candidates: int | None = None  # None: default_candidates(sigma^2) per timestep
+    nprobe: int | None = None
+    topk: int | None = None
+    alpha: float | None = None
+    seed: int = 0
+    noise_draws: int = 1
+    schedule: str = "linear"
+    mode: str = "rescore"
+    thumbnail_share: float | None = None
+    outside_sample: int = DEFAULT_OUTSIDE_SAMPLE
+    precision: str = "float32"
+    maps: int = 8
+    tail: bool = True
+    rerank: int = DEFAULT_RERANK
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def create(cls, timesteps: int | Sequence[int], sched: NoiseSchedule, *, tail: bool | None = None,
+               rerank: int | None = None, outside_sample: int | None = None, **kw: Any) -> "AttributionSettings":
+        """Validate user values (None means the default) and return the settings."""
+        ts = [timesteps] if isinstance(timesteps, int) else list(timesteps)
+        if not ts:
+            raise ValueError("at least one timestep is needed, e.g. timesteps=[100]")
+        if len(set(ts)) != len(ts):
+            raise ValueError(f"duplicate timesteps in {ts}: give each once")
+        ts = [sched.check_timestep(t) for t in ts]
+        mode = kw.get("mode", "rescore")
+        if mode not in ("rescore", "fast"):
+            raise ValueError(f"mode must be 'rescore' or 'fast', got {mode!r}")
+        kw["k"] = _positive_int("k", kw.get("k", 1024))
+        kw["noise_draws"] = _positive_int("noise_draws", kw.get("noise_draws", 1))
+        if kw.get("candidates") is not None:
+            kw["candidates"] = _positive_int("candidates", kw["candidates"])
+        if kw.get("topk") is not None:
+            kw["topk"] = _positive_int("topk", kw["topk"])
+        if kw.get("nprobe") is not None:
+            kw["nprobe"] = _positive_int("nprobe", kw["nprobe"])
+        maps = kw.get("maps", 8)
+        if isinstance(maps, bool) or int(maps) != maps or maps < 0:
+            raise ValueError(f"maps must be a non-negative integer, got {maps!r}")
+        share = kw.get("thumbnail_share")
+        if share is not None and not 0.0 <= float(share) <= 1.0:
+            raise ValueError(f"thumbnail_share must lie in [0, 1], got {share}")
+        outside_sample = DEFAULT_OUTSIDE_SAMPLE if outside_sample is None else outside_sample
+        if isinstance(outside_sample, bool) or int(outside_sample) != outside_sample or outside_sample < 0:
+            raise ValueError(f"outside_sample must be a non-negative integer, got {outside_sample!r}")
+        rerank = _positive_int("rerank", DEFAULT_RERANK if rerank is None else rerank)
+        tail = (True if tail is None else bool(tail)) and mode == "rescore"
+        return cls(ts, tail=tail, rerank=rerank, outside_sample=int(outside_sample), **kw)
+
+    def candidates_at(self, t: int, sched: NoiseSchedule) -> int:
+        """M at timestep t: the user's, else ``default_candidates(sigma^2)``."""
+        return self.candidates if self.candidates is not None else default_candidates(sched.signal_and_noise(t)[1])
+
+    def thumbnail_share_at(self, t: int, sched: NoiseSchedule) -> float:
+        """Share of the M candidates taken from the thumbnail search at t (default: by noise level)."""
+        if self.thumbnail_share is not None:
+            return self.thumbnail_share
+        return 0.5 if sched.signal_and_noise(t)[1] >= BROAD_SIGMA2 else 0.0
+
+    def record(self) -> dict[str, Any]:
+        """The settings as recorded in summary.json (``extra`` merged in)."""
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        return out
