@@ -15,9 +15,12 @@ from .index.torch_search import TorchFlatSearch  # noqa: E402
 from .results.fidelity import fidelity, fidelity_table  # noqa: E402
 from .index import PatchIndex, add_to_index, build_index  # noqa: E402
 from .corpus.demo_corpus import demo_corpus  # noqa: E402
+from .results.html_report import write_html_report  # noqa: E402
+from .serve import ServeConfig, create_app  # noqa: E402  (fastapi and uvicorn load on first use)
 
 __all__ = [
     "__version__", "Scale", "parse_scales", "NoiseSchedule", "noise", "noise_images", "Store", "write_store",
     "ingest", "ExactResult", "exact_attribution", "exact_scores", "patch_weights", "Attribution", "Attributor",
     "TorchFlatSearch", "fidelity", "fidelity_table", "PatchIndex", "add_to_index", "build_index", "demo_corpus",
+    "write_html_report", "ServeConfig", "create_app",
 ]

@@ -2,6 +2,6 @@
 from .group import main
 
 # Each module registers its commands on ``main`` when imported.
-from . import attribute_cmd, demo_cmd, index_cmd, ingest_cmd  # noqa: F401,E402
+from . import attribute_cmd, demo_cmd, index_cmd, ingest_cmd, serve_cmd  # noqa: F401,E402
 
 __all__ = ["main"]

@@ -57,7 +57,8 @@ def _fail(err: Exception):
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default=None, help="Dense arithmetic (default: float32 for the index path, float64 for --exact).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Results folder.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows printed per query.")
-def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, precision, out_dir, top):
+@click.option("--html", "html", is_flag=True, help="Also write OUT/report.html (self-contained; `nda-ann report OUT` does the same later).")
+def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, precision, out_dir, top, html):
     """Say which training images QUERY images draw on: SOURCE is an index (or a store with --exact)."""
     from .. import api
     from ..errors import NdaError
@@ -72,6 +73,13 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
         _fail(err)
     click.echo(text)
     click.echo(f"wrote {out_dir}/scores.parquet, summary.json and one PNG per query")
+    if html:
+        from ..results.html_report import write_html_report
+
+        try:
+            click.echo(f"wrote {write_html_report(out_dir)}")
+        except NdaError as err:
+            _fail(err)
 
 
 @main.command("compare")

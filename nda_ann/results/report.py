@@ -15,6 +15,7 @@ from ..errors import InputError
 from .figures import Proponent, render_attribution
 from ..corpus.inputs import CorpusView
 from .tables import format_top_table, write_parquet_atomic
+from .report_data import write_report_data
 
 SHOWN = 8
 
@@ -72,6 +73,7 @@ def _write_report(out: Path, attribution: Attribution, queries: torch.Tensor, co
         path = out / f"{q:04d}-{_safe(name)}.png"
         render_attribution(q_u8[q], props, path, title=f"{name}  (t={ts}, scales {' + '.join(attribution.scale_names)}, N={attribution.n_images})")
         figures.append(path.name)
+    write_report_data(out, attribution, q_u8, corpus, SHOWN)  # what report.html shows
     outside = attribution.outside_mass
     full = {
         **summary,
