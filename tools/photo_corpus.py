@@ -1,0 +1,321 @@
+"""The photo corpus: 32x32 crops of hundreds of distinct photographs, with held-out photos and regions.
+
+A corpus folder (written by tools/make_photo_corpus.py) holds ``photos/`` (every photograph at its
+working resolution, as lossless PNG), ``corpus.json`` (the photo list with package, file, licence,
+SHA-256s, training and held-out boxes, and which photos are held out) and the Parquet shards.
+Queries are regenerated from the folder alone:
+
+    import sys; sys.path.insert(0, "tools")
+    from photo_corpus import photo_queries
+    images, names, kinds = photo_queries(8, 8, seed=0, corpus="data/photo-corpus")
+
+Two kinds of held-out query:
+
+- ``unseen``: crops of whole photographs that no training crop comes from (``HOLDOUT_PHOTOS`` of
+  the photos of every package, picked by a hash of the seed and the name);
+- ``seen``: crops of the held-out strip (``HELDOUT_FRACTION`` of the right side, or of the bottom
+  of a portrait photo) of the training photographs; training crops read only the rest.
+
+A training crop takes an s x s window (s from ``SCALES``, in working pixels: the working image has
+a 256-pixel short side, so a window covers an eighth to three eighths of it) inside the training
+box, resizes it to the output size with Lanczos antialiasing (reading only the window's pixels),
+flips it half the time and jitters brightness, contrast and saturation mildly. Photos are drawn
+with probability proportional to their training area, so every photo is cut equally densely.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+from PIL import Image
+
+from photo_finder import file_sha256
+
+GENERATOR = "nda-ann make_photo_corpus v1"  # bump when the crop recipe changes: old shards then mismatch
+HOLDOUT_PHOTOS = 0.1
+HELDOUT_FRACTION = 0.2
+SCALES: tuple[int, ...] = (32, 48, 64, 96)
+MIN_STD = 3.0  # crops flatter than this (uint8 levels, mean per-channel std) are redrawn
+QUERY_MIN_STD = 16.0  # queries are textured, so their attributions are worth a look
+JITTER = ((0.9, 1.1), (0.9, 1.1), (0.85, 1.15))  # brightness, contrast, saturation factor ranges
+DEFAULT_CORPUS = Path(os.environ.get("NDA_ANN_PHOTO_CORPUS", Path(__file__).resolve().parents[1] / "data" / "photo-corpus"))
+
+Kind = Literal["seen", "unseen"]
+
+
+@dataclass(frozen=True)
+class Box:
+    """A half-open pixel box [x0, x1) x [y0, y1) in working-image coordinates."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    def contains(self, other: "Box") -> bool:
+        return self.x0 <= other.x0 and self.y0 <= other.y0 and other.x1 <= self.x1 and other.y1 <= self.y1
+
+    def intersects(self, other: "Box") -> bool:
+        return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where a crop came from: the s x s window at (x, y) of a photo's working image."""
+
+    photo: str
+    x: int
+    y: int
+    scale: int
+    flip: bool = False
+    jitter: tuple[float, float, float] | None = None  # brightness, contrast, saturation factors
+
+    def footprint(self) -> Box:
+        """The working-image pixels this crop's pixels depend on."""
+        return Box(self.x, self.y, self.x + self.scale, self.y + self.scale)
+
+    @property
+    def source(self) -> str:
+        """E.g. 'mate-backgrounds/nature/Garden@x=10,y=20,s=64,flip=0' (plus jitter when used)."""
+        s = f"{self.photo}@x={self.x},y={self.y},s={self.scale},flip={int(self.flip)}"
+        if self.jitter is not None:
+            s += ",jit={:.3f}/{:.3f}/{:.3f}".format(*self.jitter)
+        return s
+
+
+@dataclass(frozen=True, eq=False)
+class CorpusPhoto:
+    """A photograph of the corpus at its working resolution, with its training and held-out boxes."""
+
+    name: str
+    package: str
+    pixels: np.ndarray  # (H, W, 3) uint8
+    train: Box | None  # None for a held-out (unseen) photo
+    heldout: Box  # the held-out strip, or the whole photo when unseen
+
+    @property
+    def unseen(self) -> bool:
+        return self.train is None
+
+    def region(self, which: Literal["train", "heldout"]) -> Box:
+        box = self.train if which == "train" else self.heldout
+        if box is None:
+            raise ValueError(f"{self.name} is held out whole: it has no training region")
+        return box
+
+
+def _hash01(*parts: object) -> float:
+    """A uniform number in [0, 1) from a hash of ``parts`` (stable across runs and machines)."""
+    h = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def choose_unseen(photos: Sequence[tuple[str, str]], seed: int, fraction: float = HOLDOUT_PHOTOS) -> list[str]:
+    """Names of the photos held out whole: ``fraction`` of each package's (name, package) photos, at
+    least one of any package with 3 or more and never all of one, picked by a hash of (seed, name)."""
+    by_pkg: dict[str, list[str]] = {}
+    for name, pkg in photos:
+        by_pkg.setdefault(pkg, []).append(name)
+    out: list[str] = []
+    for pkg in sorted(by_pkg):
+        names = sorted(by_pkg[pkg], key=lambda n: _hash01(seed, "unseen", n))
+        k = round(fraction * len(names))
+        if len(names) >= 3:
+            k = max(1, k)
+        out += names[: min(k, len(names) - 1)]
+    return sorted(out)
+
+
+def split_box(width: int, height: int, fraction: float = HELDOUT_FRACTION) -> tuple[Box, Box]:
+    """(train, heldout): the held-out strip is ``fraction`` of the right side (bottom if portrait)."""
+    if width >= height:
+        k = round(width * fraction)
+        return Box(0, 0, width - k, height), Box(width - k, 0, width, height)
+    k = round(height * fraction)
+    return Box(0, 0, width, height - k), Box(0, height - k, width, height)
+
+
+def photo_file(name: str) -> str:
+    """The file under ``photos/`` that holds photo ``name``'s working image."""
+    return name.replace("/", "__") + ".png"
+
+
+def photo_digest(entries: Sequence[dict]) -> str:
+    """What the crops depend on besides the seed: every photo's name, pixels and boxes (16 hex digits)."""
+    keys = [(e["name"], e["png_sha256"], e["train"], e["heldout"]) for e in entries]
+    return hashlib.blake2b(json.dumps(keys).encode(), digest_size=8).hexdigest()
+
+
+def load_corpus(corpus: str | Path | None = None) -> tuple[dict, list[CorpusPhoto]]:
+    """(corpus.json, its photographs) of a corpus folder; refuses a photo whose PNG changed."""
+    folder = Path(corpus) if corpus is not None else DEFAULT_CORPUS
+    mpath = folder / "corpus.json"
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{mpath} not found: make the corpus with tools/make_photo_corpus.py {folder} --count N")
+    manifest = json.loads(mpath.read_text())
+    photos = []
+    for e in manifest["photos"]:
+        path = folder / "photos" / e["file"]
+        if file_sha256(path) != e["png_sha256"]:
+            raise ValueError(f"{path} differs from the photo recorded in {mpath}")
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        train = Box(*e["train"]) if e["train"] is not None else None
+        photos.append(CorpusPhoto(e["name"], e["package"], pixels, train, Box(*e["heldout"])))
+    return manifest, photos
+
+
+def colour_jitter(img: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    """(H, W, 3) uint8 -> uint8: scale brightness, contrast about the mean, saturation about grey."""
+    x = img.astype(np.float32) * brightness
+    x = (x - x.mean()) * contrast + x.mean()
+    grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x = grey[..., None] + (x - grey[..., None]) * saturation
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def cut(photo: CorpusPhoto, crop: Crop, region: Literal["train", "heldout"], size: int) -> np.ndarray:
+    """Pixels of one crop, (size, size, 3) uint8, read from ``region`` of ``photo`` only."""
+    box = photo.region(region)
+    lx, ly, s = crop.x - box.x0, crop.y - box.y0, crop.scale
+    if lx < 0 or ly < 0 or lx + s > box.width or ly + s > box.height:
+        raise ValueError(f"{crop.source} leaves the {region} region {box} of {photo.name}")
+    win = Image.fromarray(np.ascontiguousarray(photo.pixels[crop.y : crop.y + s, crop.x : crop.x + s]))
+    if s != size:
+        win = win.resize((size, size), Image.Resampling.LANCZOS)
+    out = np.asarray(win)
+    if crop.flip:
+        out = out[:, ::-1]
+    if crop.jitter is not None:
+        out = colour_jitter(out, *crop.jitter)
+    return np.ascontiguousarray(out)
+
+
+def _spatial_std(img: np.ndarray) -> float:
+    return float(img.reshape(-1, img.shape[-1]).std(axis=0).mean())
+
+
+def _draw(rng: np.random.Generator, photo: CorpusPhoto, region: Literal["train", "heldout"], augment: bool) -> Crop | None:
+    """One crop's parameters inside ``region`` of ``photo``; None if no scale fits."""
+    box = photo.region(region)
+    fits = [s for s in SCALES if s <= box.width and s <= box.height]
+    if not fits:
+        return None
+    s = int(fits[rng.integers(len(fits))])
+    x = int(rng.integers(box.x0, box.x1 - s + 1))
+    y = int(rng.integers(box.y0, box.y1 - s + 1))
+    if not augment:
+        return Crop(photo.name, x, y, s)
+    flip = bool(rng.integers(2))
+    jit = tuple(float(rng.uniform(lo, hi)) for lo, hi in JITTER)
+    return Crop(photo.name, x, y, s, flip, jit)  # type: ignore[arg-type]
+
+
+def train_weights(photos: Sequence[CorpusPhoto]) -> np.ndarray:
+    """Probability of drawing each photo for a training crop: its training area (0 if held out)."""
+    w = np.array([0.0 if p.train is None else float(p.train.width * p.train.height) for p in photos])
+    if w.sum() <= 0:
+        raise ValueError("no training photographs: every photo is held out")
+    return w / w.sum()
+
+
+def iter_train_crops(photos: Sequence[CorpusPhoto], seed: int | Sequence[int], size: int = 32) -> Iterator[tuple[np.ndarray, Crop, bytes]]:
+    """Endless stream of distinct training crops: ((size, size, 3) uint8, Crop, 16-byte blake2b of the pixels).
+
+    ``seed`` may be a sequence, e.g. (seed, shard). Flat crops (std < MIN_STD) and repeats are redrawn.
+    """
+    rng = np.random.default_rng(list(seed) if isinstance(seed, (list, tuple)) else seed)
+    p = train_weights(photos)
+    cdf = np.cumsum(p)
+    seen: set[bytes] = set()
+    attempts = 0
+    while True:
+        attempts += 1
+        if attempts > 20 * len(seen) + 1000:
+            raise RuntimeError(f"could cut only {len(seen)} distinct training crops in {attempts - 1} attempts")
+        photo = photos[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(photos) - 1)]
+        crop = _draw(rng, photo, "train", augment=True)
+        if crop is None:
+            continue
+        img = cut(photo, crop, "train", size)
+        digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
+        if digest in seen or _spatial_std(img) < MIN_STD:
+            continue
+        seen.add(digest)
+        yield img, crop, digest
+
+
+def _round_robin(photos: Sequence[CorpusPhoto], rng: np.random.Generator) -> list[CorpusPhoto]:
+    """Photos in a seeded order that takes one from each package in turn (so queries span packages)."""
+    by_pkg: dict[str, list[CorpusPhoto]] = {}
+    for p in photos:
+        by_pkg.setdefault(p.package, []).append(p)
+    queues = [[g[i] for i in rng.permutation(len(g))] for _, g in sorted(by_pkg.items())]
+    order = [queues[i] for i in rng.permutation(len(queues))]
+    out: list[CorpusPhoto] = []
+    while any(order):
+        for q in order:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
+def query_crops(photos: Sequence[CorpusPhoto], n: int, kind: Kind, seed: int, size: int = 32) -> tuple[np.ndarray, list[Crop]]:
+    """``n`` textured crops of the held-out parts: strips of training photos ("seen") or unseen photos."""
+    pool = [p for p in photos if p.unseen == (kind == "unseen")]
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    crops: list[Crop] = []
+    if n == 0:
+        return images, crops
+    if not pool:
+        raise ValueError(f"the corpus has no {kind} photographs to cut queries from")
+    rng = np.random.default_rng([seed, 0 if kind == "seen" else 1])
+    order = _round_robin(pool, rng)
+    seen: set[bytes] = set()
+    slot, misses, attempts = 0, 0, 0
+    while len(crops) < n:
+        attempts += 1
+        if attempts > 1000 * n + 1000:
+            raise RuntimeError(f"could cut only {len(crops)} textured {kind} queries")
+        if misses >= 100:  # a photo without textured windows gives up its turn
+            slot, misses = slot + 1, 0
+        photo = order[slot % len(order)]
+        crop = _draw(rng, photo, "heldout", augment=False)
+        img = None if crop is None else cut(photo, crop, "heldout", size)
+        digest = b"" if img is None else hashlib.blake2b(img.tobytes(), digest_size=16).digest()
+        if img is None or crop is None or digest in seen or _spatial_std(img) < QUERY_MIN_STD:
+            misses += 1
+            continue
+        seen.add(digest)
+        images[len(crops)] = img
+        crops.append(crop)
+        slot, misses = slot + 1, 0
+    return images, crops
+
+
+def photo_queries(n_seen: int, n_unseen: int, seed: int = 0, corpus: str | Path | None = None,
+                  size: int | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+    """Held-out queries of a corpus folder: ((Q, size, size, 3) uint8, source names, kinds).
+
+    The first ``n_seen`` come from the held-out strips of training photos (kind "seen"), the next
+    ``n_unseen`` from photos no training crop comes from ("unseen"); the same arguments give the
+    same queries. ``size`` defaults to the corpus's image size.
+    """
+    manifest, photos = load_corpus(corpus)
+    size = int(manifest["size"]) if size is None else size
+    a, ca = query_crops(photos, n_seen, "seen", seed, size)
+    b, cb = query_crops(photos, n_unseen, "unseen", seed, size)
+    return np.concatenate([a, b]), [c.source for c in ca + cb], ["seen"] * n_seen + ["unseen"] * n_unseen
