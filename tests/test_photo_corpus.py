@@ -200,6 +200,44 @@ def test_queries_come_from_heldout_parts_only(corpus):
     assert not any(hashlib.blake2b(q.tobytes(), digest_size=16).digest() in train_shas for q in images)
 
 
+def test_package_shares_are_equal_per_photo_and_capped(corpus):
+    """Five fake packages with 8, 3, 2, 2 and 1 training photos (plus a held-out one): per photo the
+    shares would be 1/2, 3/16, 1/8, 1/8, 1/16; "stars" is held to the cap, which then lifts "big"
+    past it too, and the rest is spread over the other three by their photo counts."""
+    manifest, real = pc.load_corpus(corpus)
+    assert manifest["package_share_cap"] == pc.PACKAGE_CAP == 0.25
+    assert manifest["package_shares"] == {"local": {"photos": len(PHOTOS) - 1, "share": 1.0}}
+    train = [p for p in real if p.train is not None]
+    counts = {"stars": 8, "big": 3, "b": 2, "c": 2, "d": 1}
+    photos = [pc.CorpusPhoto(f"{pkg}/{i}", pkg, src.pixels, src.train, src.heldout)
+              for pkg, n in counts.items() for i, src in zip(range(n), [train[j % len(train)] for j in range(n)])]
+    held = next(p for p in real if p.unseen)
+    photos.append(pc.CorpusPhoto("stars/held", "stars", held.pixels, None, held.heldout))
+    expected = {"stars": 0.25, "big": 0.25, "b": 0.2, "c": 0.2, "d": 0.1}
+    shares = pc.package_shares([p.package for p in photos if p.train is not None])
+    assert shares.keys() == expected.keys() and all(shares[k] == pytest.approx(v) for k, v in expected.items())
+    w = pc.train_weights(photos)
+    assert w.sum() == pytest.approx(1.0) and w[-1] == 0.0  # the held-out photo is never cut
+    for pkg, n in counts.items():  # equal within a package, summing to its share
+        pw = [wi for p, wi in zip(photos, w) if p.package == pkg and p.train is not None]
+        assert pw == pytest.approx([expected[pkg] / n] * n)
+    # without a binding cap every photo is equally likely; with fewer than 1 / cap packages, equal shares
+    assert pc.package_shares(["a"] * 3 + ["b"] * 2 + ["c"] * 2 + ["d"] * 2 + ["e"], cap=0.5) == pytest.approx(
+        {"a": 0.3, "b": 0.2, "c": 0.2, "d": 0.2, "e": 0.1})
+    assert pc.package_shares(["a"] * 5 + ["b"]) == pytest.approx({"a": 0.5, "b": 0.5})
+    # the crops written follow the shares (flat crops are redrawn from the same photo)
+    n = 2000
+    stream = pc.iter_train_crops(photos, (0, 0))
+    got = [next(stream)[1].photo.split("/")[0] for _ in range(n)]
+    for pkg, share in expected.items():
+        sd = (share * (1 - share) / n) ** 0.5
+        assert abs(got.count(pkg) / n - share) < 4 * sd, (pkg, got.count(pkg))
+    # queries still take one photo from each package in turn ("d" has one photo: it drops out after a round)
+    _, crops = pc.query_crops(photos, 9, "seen", seed=0)
+    pkgs = [c.photo.split("/")[0] for c in crops]
+    assert sorted(pkgs[:5]) == sorted(counts) and sorted(pkgs[5:]) == sorted(set(counts) - {"d"})
+
+
 def test_corpus_refuses_a_changed_photo(corpus, tmp_path):
     import shutil
 

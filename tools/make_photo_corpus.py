@@ -6,8 +6,10 @@
 
 First run: tools/photo_finder.py picks the photographs (about 3 minutes for all packages), their
 working images go to OUT_DIR/photos/ and the list, with package, file, licence, checksums, the
-held-out photos and every photo's training and held-out boxes, to OUT_DIR/corpus.json. Later runs
-read the photos from the folder. See tools/photo_corpus.py for the crops and the held-out queries
+held-out photos and every photo's training and held-out boxes, to OUT_DIR/corpus.json, with each
+package's share of the training crops (``package_shares``: every training photo equally likely,
+no package above ``PACKAGE_CAP``, 25%) and, once done, the crops it got. Later runs read the
+photos from the folder. See tools/photo_corpus.py for the crops and the held-out queries
 (``photo_queries``).
 
 Output as tools/make_corpus.py: OUT_DIR/shard-00000.parquet, ... with the HF-style struct column
@@ -45,7 +47,7 @@ _PHOTOS: dict[str, list[pc.CorpusPhoto]] = {}  # per process: the corpus photos 
 def shard_params(seed: int, index: int, rows: int, size: int, digest: str) -> dict[str, str]:
     """What a shard's bytes depend on; stored in its Parquet metadata and checked on resume."""
     return {"generator": pc.GENERATOR, "seed": str(seed), "shard": str(index), "rows": str(rows), "size": str(size),
-            "photos": digest}
+            "photos": digest, "package_cap": repr(pc.PACKAGE_CAP)}
 
 
 def package_version(package: str) -> str | None:
@@ -78,11 +80,13 @@ def prepare_photos(out: Path, seed: int, photo_dirs: tuple[str, ...], no_package
                         "train": None if train is None else [train.x0, train.y0, train.x1, train.y1],
                         "heldout": [held.x0, held.y0, held.x1, held.y1], "unseen": info.name in unseen})
     packages = sorted({k.package for k in kept} | {d["package"] for d in dropped})
+    train = [e["package"] for e in entries if e["train"] is not None]
     return {
         "photo_sources": {"packages": [p for p, _ in sources], "photo_dirs": [str(Path(d).resolve()) for d in photo_dirs]},
         "packages": {p: {"version": None if p == pf.LOCAL else package_version(p), "licence": pf.licence_file(p)} for p in packages},
         "photo_digest": pc.photo_digest(entries),
         "heldout_photos": sorted(unseen),
+        "package_shares": {k: {"photos": train.count(k), "share": v} for k, v in pc.package_shares(train).items()},
         "photos": entries,
         "dropped": dropped,
     }
@@ -130,7 +134,8 @@ def main(out_dir: Path, count: int, shard_size: int, seed: int, size: int, worke
          no_packages: bool, no_check: bool) -> None:
     """Write COUNT distinct SIZE x SIZE photo crops to OUT_DIR as Parquet shards (resumable)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"generator": pc.GENERATOR, "count": count, "shard_size": shard_size, "seed": seed, "size": size}
+    settings = {"generator": pc.GENERATOR, "count": count, "shard_size": shard_size, "seed": seed, "size": size,
+                "package_share_cap": pc.PACKAGE_CAP}
     sources = {"packages": [] if no_packages else [p for p, _ in pf.SOURCES], "photo_dirs": [str(Path(d).resolve()) for d in photo_dirs]}
     mpath = out_dir / "corpus.json"
     if mpath.exists():

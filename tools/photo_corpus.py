@@ -19,8 +19,15 @@ Two kinds of held-out query:
 A training crop takes an s x s window (s from ``SCALES``, in working pixels: the working image has
 a 256-pixel short side, so a window covers an eighth to three eighths of it) inside the training
 box, resizes it to the output size with Lanczos antialiasing (reading only the window's pixels),
-flips it half the time and jitters brightness, contrast and saturation mildly. Photos are drawn
-with probability proportional to their training area, so every photo is cut equally densely.
+flips it half the time and jitters brightness, contrast and saturation mildly.
+
+Which photo a training crop comes from (``package_shares``, ``train_weights``): every training
+photo is equally likely, whatever its size, except that no package supplies more than
+``PACKAGE_CAP`` of the crops (stellarium-data's deep-sky images, 206 of the 332 training photos
+on Debian 12, would otherwise supply 62% of them); what a capped package gives up goes to the
+others in proportion to their photo counts (there, opencv-doc is then capped too), and a capped
+package's photos stay equally likely among themselves. A flat crop or a repeat is redrawn
+from the same photo, so the shares hold for the crops written, not only for the draws.
 """
 from __future__ import annotations
 
@@ -36,13 +43,15 @@ from PIL import Image
 
 from photo_finder import file_sha256
 
-GENERATOR = "nda-ann make_photo_corpus v1"  # bump when the crop recipe changes: old shards then mismatch
+GENERATOR = "nda-ann make_photo_corpus v2"  # bump when the crop recipe changes: old shards then mismatch
 HOLDOUT_PHOTOS = 0.1
 HELDOUT_FRACTION = 0.2
 SCALES: tuple[int, ...] = (32, 48, 64, 96)
+PACKAGE_CAP = 0.25  # the largest share of the training crops one package may supply
 MIN_STD = 3.0  # crops flatter than this (uint8 levels, mean per-channel std) are redrawn
 QUERY_MIN_STD = 16.0  # queries are textured, so their attributions are worth a look
 JITTER = ((0.9, 1.1), (0.9, 1.1), (0.85, 1.15))  # brightness, contrast, saturation factor ranges
+PHOTO_TRIES = 100  # flat or repeated crops redrawn from one photo before another photo is drawn
 DEFAULT_CORPUS = Path(os.environ.get("NDA_ANN_PHOTO_CORPUS", Path(__file__).resolve().parents[1] / "data" / "photo-corpus"))
 
 Kind = Literal["seen", "unseen"]
@@ -224,18 +233,51 @@ def _draw(rng: np.random.Generator, photo: CorpusPhoto, region: Literal["train",
     return Crop(photo.name, x, y, s, flip, jit)  # type: ignore[arg-type]
 
 
-def train_weights(photos: Sequence[CorpusPhoto]) -> np.ndarray:
-    """Probability of drawing each photo for a training crop: its training area (0 if held out)."""
-    w = np.array([0.0 if p.train is None else float(p.train.width * p.train.height) for p in photos])
-    if w.sum() <= 0:
+def package_shares(packages: Sequence[str], cap: float = PACKAGE_CAP) -> dict[str, float]:
+    """Each package's share of the training crops, given the package of every training photo.
+
+    A share is the package's photo count over all of them, except that none exceeds ``cap``: a
+    package past it is held to it and the rest is spread over the others in proportion to their
+    counts, again until none exceeds it. With fewer than 1 / cap packages the cap cannot hold and
+    each package gets an equal share instead (1 / packages, the smallest possible maximum).
+    """
+    counts: dict[str, int] = {}
+    for pkg in packages:
+        counts[pkg] = counts.get(pkg, 0) + 1
+    if not counts:
         raise ValueError("no training photographs: every photo is held out")
+    if not 0 < cap <= 1:
+        raise ValueError(f"the package cap must be in (0, 1], not {cap}")
+    cap = max(cap, 1 / len(counts))
+    capped: set[str] = set()
+    while True:
+        free = {k: n for k, n in counts.items() if k not in capped}
+        left = 1.0 - cap * len(capped)
+        total = sum(free.values())
+        over = {k for k, n in free.items() if left * n / total > cap}
+        if not over or len(over) == len(free):  # all of them only by rounding: cap >= 1 / packages
+            break
+        capped |= over
+    shares = {k: cap if k in capped else left * n / total for k, n in counts.items()}
+    return dict(sorted(shares.items()))
+
+
+def train_weights(photos: Sequence[CorpusPhoto], cap: float = PACKAGE_CAP) -> np.ndarray:
+    """Probability of drawing each photo for a training crop (0 if held out): its package's share
+    (``package_shares``) split equally over the package's training photos."""
+    train = [p.package for p in photos if p.train is not None]
+    shares = package_shares(train, cap)
+    counts = {k: train.count(k) for k in shares}
+    w = np.array([0.0 if p.train is None else shares[p.package] / counts[p.package] for p in photos])
     return w / w.sum()
 
 
 def iter_train_crops(photos: Sequence[CorpusPhoto], seed: int | Sequence[int], size: int = 32) -> Iterator[tuple[np.ndarray, Crop, bytes]]:
     """Endless stream of distinct training crops: ((size, size, 3) uint8, Crop, 16-byte blake2b of the pixels).
 
-    ``seed`` may be a sequence, e.g. (seed, shard). Flat crops (std < MIN_STD) and repeats are redrawn.
+    ``seed`` may be a sequence, e.g. (seed, shard). Photos are drawn by ``train_weights``; a flat
+    crop (std < MIN_STD) or a repeat is redrawn from the same photo (up to PHOTO_TRIES times in a
+    row, then another photo is drawn), so rejections do not shift the package shares.
     """
     rng = np.random.default_rng(list(seed) if isinstance(seed, (list, tuple)) else seed)
     p = train_weights(photos)
@@ -247,15 +289,18 @@ def iter_train_crops(photos: Sequence[CorpusPhoto], seed: int | Sequence[int], s
         if attempts > 20 * len(seen) + 1000:
             raise RuntimeError(f"could cut only {len(seen)} distinct training crops in {attempts - 1} attempts")
         photo = photos[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(photos) - 1)]
-        crop = _draw(rng, photo, "train", augment=True)
-        if crop is None:
-            continue
-        img = cut(photo, crop, "train", size)
-        digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
-        if digest in seen or _spatial_std(img) < MIN_STD:
-            continue
-        seen.add(digest)
-        yield img, crop, digest
+        for _ in range(PHOTO_TRIES):
+            crop = _draw(rng, photo, "train", augment=True)
+            if crop is None:
+                break
+            img = cut(photo, crop, "train", size)
+            digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
+            if digest in seen or _spatial_std(img) < MIN_STD:
+                attempts += 1
+                continue
+            seen.add(digest)
+            yield img, crop, digest
+            break
 
 
 def _round_robin(photos: Sequence[CorpusPhoto], rng: np.random.Generator) -> list[CorpusPhoto]:
