@@ -342,3 +342,38 @@ def test_large_k_on_a_flat_index_uses_the_torch_path_and_returns_the_bruteforce_
     assert flat_index._norms  # the torch path ran (interior class: 64 positions x 40 images > k)
     want = naive_search(to_float(images), to_float(queries), 5, 1, k=k)
     assert_same_neighbours(got, want)
+
+
+def test_a_huge_k_is_clipped_to_the_largest_class_and_the_results_are_bounded(corpus, flat_index, monkeypatch):
+    """k = 10**8 on 40 images: the last axis is the most vectors a layout class holds (counted here
+    from the naive layout keys), the results equal a search at that k, and a search whose results
+    would pass MAX_RESULT_BYTES is refused instead of allocated."""
+    from collections import Counter
+
+    from nda_ann.errors import InputError
+    from nda_ann.index import search as search_mod
+    from nda_ann.index.torch_search import TorchFlatSearch
+
+    _, store, images, queries = corpus
+    s = Scale(5)
+    q = extract_patches(torch.from_numpy(to_float(queries)).float(), s).numpy()  # (3, L, D)
+    _, keys = naive_vectors(to_float(images[:1]), 5, 1)
+    largest = max(Counter(keys).values()) * len(images)
+    assert flat_index.max_k(s) == largest
+    dist, image, pos = flat_index.search(s, q, k=10**8)
+    assert dist.shape == image.shape == pos.shape == (3, s.grid(12) ** 2, largest)
+    ref = flat_index.search(s, q, k=largest)
+    for got, want in zip((dist, image, pos), ref):
+        np.testing.assert_array_equal(got, want)
+    assert np.isinf(dist[:, 0, 40:]).all() and (image[:, 0, 40:] == -1).all()  # a corner class: 40 vectors
+    torch_d, torch_i, torch_p = TorchFlatSearch(store, ["5"], device="cpu").search(s, q, 10**8)
+    assert torch_d.shape == dist.shape
+    assert_same_neighbours((torch_d, torch_i, torch_p), (dist, image, pos))
+    need = 3 * s.grid(12) ** 2 * largest * 20
+    monkeypatch.setattr(search_mod, "MAX_RESULT_BYTES", need - 1)
+    with pytest.raises(InputError, match="GiB of search results.*lower k"):
+        flat_index.search(s, q, k=10**8)
+    with pytest.raises(InputError, match="GiB of search results"):
+        TorchFlatSearch(store, ["5"], device="cpu").search(s, q, 10**8)
+    assert flat_index.search(s, q[:2], k=10**8)[0].shape[0] == 2  # fewer queries fit
+    assert search_mod.affordable_k(3, s.grid(12) ** 2) == largest - 1

@@ -27,6 +27,8 @@ TORCH_FLAT_MIN_QUERIES = 8         # below it too: 1 query, k = 1,024 over 5,000
                                    # in FAISS, 0.28 ms through torch (36 corner classes: 8.5 / 20.7 ms)
 TORCH_FLAT_MAX_QUERIES = 4096      # above it (batches of ~6+ query images) FAISS's blocked search wins
 TORCH_FLAT_BYTES = 256 << 20       # distance block of the torch Flat search
+MAX_RESULT_BYTES = 2 << 30         # the (Q, L, k) results of one search call may take this much (FAISS's
+                                   # own per-class copies come on top); default k = 1,024 needs 14 MB a query
 
 
 def read_index(path: Path, factory: str, mmap: bool) -> faiss.Index:
@@ -173,10 +175,12 @@ class PatchIndex:
 
         vectors: (L, D) or (Q, L, D) float32 query patch vectors at all L = grid^2 positions in
         row-major order (as ``extract_patches``), in the unscaled space (pass q / s).
-        Returns (dist, image, position), each (..., L, k): squared L2 distances (float32, approximate
-        for compressed codes), global image ids and flat grid positions (int64); missing results are
-        padded with inf / -1. numpy arrays, or torch tensors when ``vectors`` is a tensor.
-        ``nprobe`` overrides each IVF class's default (manifest) number of probed lists.
+        Returns (dist, image, position), each (..., L, k') with k' = min(k, ``max_k(scale)``), the
+        most vectors any layout class holds: squared L2 distances (float32, approximate for
+        compressed codes), global image ids and flat grid positions (int64); results missing in a
+        smaller class are padded with inf / -1. numpy arrays, or torch tensors when ``vectors`` is a
+        tensor. ``nprobe`` overrides each IVF class's default (manifest) number of probed lists.
+        Raises InputError when the results would pass ``MAX_RESULT_BYTES`` (too many queries for k').
         """
         scale = self._scale(scale)
         entry = self._entries[scale]
@@ -188,10 +192,11 @@ class PatchIndex:
         if x.ndim != 3 or x.shape[1:] != (L, D):
             raise InputError(None, f"scale {scale}: expected query vectors (L, D) or (Q, L, D) with L = {L}, "
                                    f"D = {D}, got {tuple(np.shape(vectors))}")
-        if int(k) < 1:
-            raise InputError(None, f"k must be >= 1, got {k}")
-        k = int(k)
+        if int(k) != k or int(k) < 1:
+            raise InputError(None, f"k must be a positive integer, got {k}")
+        k = min(int(k), max(self.max_k(scale), 1))
         q_count = x.shape[0]
+        check_result_size(q_count, L, k)
         dist = np.full((q_count, L, k), np.inf, dtype=np.float32)
         image = np.full((q_count, L, k), -1, dtype=np.int64)
         position = np.full((q_count, L, k), -1, dtype=np.int64)
@@ -210,6 +215,10 @@ class PatchIndex:
         if as_torch:
             return torch.from_numpy(dist), torch.from_numpy(image), torch.from_numpy(position)
         return dist, image, position
+
+    def max_k(self, scale: ScaleLike) -> int:
+        """The most vectors any layout class of ``scale`` holds over all shards: k beyond it only pads."""
+        return max((c.width for c in self._layouts[self._scale(scale)]), default=0) * self.count
 
     def _flat_search(self, index: faiss.Index, key: tuple, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``index.search``, except for an exact Flat index and k >= TORCH_FLAT_MIN_K: a torch GEMM
@@ -266,6 +275,21 @@ class PatchIndex:
             d_all = np.pad(d_all, ((0, 0), (0, pad)), constant_values=np.inf)
             i_all = np.pad(i_all, ((0, 0), (0, pad)), constant_values=-1)
         return d_all, i_all
+
+
+def affordable_k(queries: int, positions: int, per_result: int = 20) -> int:
+    """The largest k whose results for (queries, positions) query patches fit in MAX_RESULT_BYTES."""
+    return max(1, MAX_RESULT_BYTES // max(1, queries * positions * per_result))
+
+
+def check_result_size(queries: int, positions: int, k: int, per_result: int = 20) -> None:
+    """Refuse a search whose (queries, positions, k) results (float32 distance + two int64 ids, 20
+    bytes each) would pass MAX_RESULT_BYTES, instead of dying in the allocation."""
+    need = queries * positions * k * per_result
+    if need > MAX_RESULT_BYTES:
+        raise InputError(None, f"{queries} queries x {positions} positions x k = {k} neighbours would need "
+                               f"{need / 2**30:.1f} GiB of search results (limit {MAX_RESULT_BYTES / 2**30:.0f} GiB); "
+                               "lower k or search fewer queries at a time")
 
 
 def _manifest_changed(path: Path, seen: dict[str, Any] | None) -> bool:

@@ -10,9 +10,11 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
+from ..errors import InputError
 from ..corpus.inputs import CorpusView
 from ..scoring.patches import candidate_grid, extract_patches, layout_groups
 from ..scoring.scales import Scale
+from .search import check_result_size
 
 
 class TorchFlatSearch:
@@ -40,15 +42,22 @@ class TorchFlatSearch:
         """vectors (Q, L, D) or (L, D) float32 -> dist float32, image int64, position int64, each (..., L, k).
 
         Squared L2 between the given vectors and unscaled training patches of the same layout;
-        padded with inf / -1 where a class holds fewer than k candidates.
+        padded with inf / -1 where a class holds fewer than k candidates. k is clipped to the most
+        candidates any class holds (the last axis is min(k, that)); results that would pass
+        ``MAX_RESULT_BYTES`` are refused with an InputError.
         """
         vec = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(self.device)
         squeeze = vec.ndim == 2
         if squeeze:
             vec = vec[None]
         nq, npos, _ = vec.shape
+        scale = Scale.parse(scale)
         keep = candidate_grid(self.size, scale, self.stride)
         groups = layout_groups(self.size, scale)
+        if int(k) != k or int(k) < 1:
+            raise InputError(None, f"k must be a positive integer, got {k}")
+        k = min(int(k), max(int(keep[g.positions].sum()) for g in groups) * self.count)
+        check_result_size(nq, npos, k)
         best_d = torch.full((nq, npos, k), float("inf"), device=self.device)
         best_i = torch.full((nq, npos, k), -1, dtype=torch.int64, device=self.device)
         plan = []
