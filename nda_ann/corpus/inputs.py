@@ -1,6 +1,7 @@
 """Validation and conversion of images handed to the scorers."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -11,10 +12,14 @@ from .store import Store, uint8_to_float
 
 
 class CorpusView:
-    """Uniform access to a corpus: a Store, several Stores (rows numbered in order), or a
-    (N, C, H, W) float tensor in [-1, 1]. Global image id = row in that concatenation."""
+    """Uniform access to a corpus: a Store (or a store folder's path), several Stores (rows numbered
+    in order), or a (N, C, H, W) float tensor in [-1, 1]. Global image id = row in that concatenation."""
 
-    def __init__(self, corpus: Store | Sequence[Store] | torch.Tensor | np.ndarray):
+    def __init__(self, corpus: Store | str | Path | Sequence[Store | str | Path] | torch.Tensor | np.ndarray):
+        if isinstance(corpus, (str, Path)):
+            corpus = Store.open(corpus)
+        if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(s, (str, Path, Store)) for s in corpus):
+            corpus = [s if isinstance(s, Store) else Store.open(s) for s in corpus]
         if isinstance(corpus, Store):
             corpus = [corpus]
         if isinstance(corpus, (list, tuple)) and all(isinstance(s, Store) for s in corpus):
@@ -94,23 +99,49 @@ class CorpusView:
         return [src for store in self.stores for src in store.sources()]
 
 
+RANGE_TOLERANCE = 0.01  # floats may pass [-1, 1] by this much (rounding in a model's output)
+
+
 def as_float_images(images: torch.Tensor | np.ndarray, what: str = "images") -> torch.Tensor:
-    """Check and convert (B, C, H, W) floats in [-1, 1] (or (B, H, W, C) uint8) to a float tensor."""
+    """Check and convert (B, C, H, W) floats in [-1, 1] (or (B, H, W, C) uint8) to a float tensor.
+
+    Refused, with a message saying the expected layout and range: another number of dimensions,
+    integers other than uint8, NaN or Inf, values outside [-1, 1] (beyond ``RANGE_TOLERANCE``, e.g.
+    images in [0, 255]), non-square images, and channels-last floats (B, H, W, C).
+    """
     if isinstance(images, np.ndarray) and images.dtype == np.uint8:
         if images.ndim != 4:
             raise InputError(None, f"{what}: uint8 arrays must be (B, H, W, C), got shape {images.shape}")
         return uint8_to_float(images)
     t = torch.as_tensor(images)
+    layout = "(B, C, H, W) floats in [-1, 1]"
     if t.ndim != 4:
-        raise InputError(None, f"{what}: expected a (B, C, H, W) array, got shape {tuple(t.shape)}")
+        raise InputError(None, f"{what}: expected {layout}, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise InputError(None, f"{what}: expected floats in [-1, 1], got dtype {t.dtype}")
+        raise InputError(None, f"{what}: expected {layout} (or uint8 (B, H, W, C)), got dtype {t.dtype}")
     if not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).flatten(1).any(1).nonzero()[0])
         raise InputError(None, f"{what}: image {bad} contains NaN or Inf")
+    _check_range(t, what, layout)
     if t.shape[2] != t.shape[3]:
-        raise InputError(None, f"{what}: images must be square, got {t.shape[2]}x{t.shape[3]}")
+        b, c, h, w = t.shape
+        if w in (1, 3) and c == h and c not in (1, 3):
+            raise InputError(None, f"{what}: expected {layout}, got shape {tuple(t.shape)}, which looks like channels-last "
+                                   f"(B, H, W, C); permute it, e.g. x.permute(0, 3, 1, 2)")
+        raise InputError(None, f"{what}: expected square images as {layout}, got H x W = {h}x{w} in shape {tuple(t.shape)}")
     return t
+
+
+def _check_range(t: torch.Tensor, what: str, layout: str) -> None:
+    """Values outside [-1, 1] beyond the tolerance are refused, naming the first image and its range."""
+    if t.numel() == 0:
+        return
+    lo, hi = t.flatten(1).amin(1), t.flatten(1).amax(1)  # (B,) per image
+    bad = ((lo < -1 - RANGE_TOLERANCE) | (hi > 1 + RANGE_TOLERANCE)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        hint = " (images in [0, 255]? divide by 127.5 and subtract 1)" if float(hi.max()) > 2 else ""
+        raise InputError(None, f"{what}: expected {layout}, image {i} has values in [{float(lo[i]):.4g}, {float(hi[i]):.4g}]{hint}")
 
 
 def check_compatible(queries: torch.Tensor, shape: tuple[int, ...], where: str = "corpus") -> None:

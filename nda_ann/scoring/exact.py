@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -83,9 +84,26 @@ class ExactResult:
         return maps[[where[int(i)] for i in image_ids]]
 
 
+def as_queries(queries, view: CorpusView, what: str = "queries") -> torch.Tensor:
+    """Queries in any form ``Attributor.attribute`` takes -> (Q, C, H, W) floats matching ``view``.
+
+    Float tensors and arrays are checked as they are (their dtype kept; another size is refused);
+    paths, folders, PIL images, uint8 arrays and lists of these go through ``load_queries``.
+    """
+    if isinstance(queries, torch.Tensor) or (isinstance(queries, np.ndarray) and queries.dtype != np.uint8):
+        t = torch.as_tensor(queries)
+        q_images = as_float_images(t[None] if t.ndim == 3 else t, what)
+    else:
+        from ..corpus.queries import load_queries
+
+        q_images = load_queries(queries, view.shape)[0]
+    check_compatible(q_images, view.shape)
+    return q_images
+
+
 def exact_attribution(
-    corpus: Store | torch.Tensor | np.ndarray,
-    queries: torch.Tensor | np.ndarray,
+    corpus: Store | str | Path | torch.Tensor | np.ndarray,
+    queries,
     *,
     timesteps: int | Sequence[int],
     scales: Sequence[ScaleLike],
@@ -100,14 +118,16 @@ def exact_attribution(
     memory_budget: int | str = "1G",
     progress: bool = False,
 ) -> ExactResult:
-    """Exact NDA scores of ``queries`` (Q, C, H, W) against ``corpus`` (N, C, H, W) or a Store.
+    """Exact NDA scores of ``queries`` against ``corpus`` (N, C, H, W), a Store or a store's path.
+
+    ``queries``: (Q, C, H, W) floats in [-1, 1], or what ``Attributor.attribute`` takes (image paths,
+    folders, PIL images, uint8 arrays, a list of these; see ``as_queries``).
 
     Returns an ExactResult whose ``scores`` are (T, Q, N) float64; ``maps_for=K`` also keeps the
     per-pixel contribution maps of the top K images of each query, at each timestep and by mean.
     """
     view = CorpusView(corpus)
-    q_images = as_float_images(queries, "queries")
-    check_compatible(q_images, view.shape)
+    q_images = as_queries(queries, view)
     sched = schedule if isinstance(schedule, NoiseSchedule) else NoiseSchedule(schedule)
     ts = [sched.check_timestep(t) for t in ([timesteps] if isinstance(timesteps, int) else list(timesteps))]
     if not ts:
@@ -205,8 +225,8 @@ def exact_scores(corpus, queries, *, timesteps, scales, alpha=None, topk=None, s
 
 
 def patch_weights(
-    corpus: Store | torch.Tensor | np.ndarray,
-    query: torch.Tensor | np.ndarray,
+    corpus: Store | str | Path | torch.Tensor | np.ndarray,
+    query,
     position: int,
     *,
     timestep: int,
@@ -221,8 +241,7 @@ def patch_weights(
     layout class. Computed in float64 on the CPU; corpus must fit in memory.
     """
     view = CorpusView(corpus)
-    q = as_float_images(query[None] if query.ndim == 3 else query, "query")[:1]
-    check_compatible(q, view.shape)
+    q = as_queries(query, view, "query")[:1]
     sched = schedule if isinstance(schedule, NoiseSchedule) else NoiseSchedule(schedule)
     sc = Scale.parse(scale)
     s, sigma2 = sched.signal_and_noise(timestep)
