@@ -65,3 +65,30 @@ def test_colormap_ramp():
 def test_rejects_bad_images(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         render_attribution(np.zeros((32, 32, 3), np.float32), [], tmp_path / "x.png")
+
+
+def test_heatmaps_show_the_share_of_each_image_score_with_a_labelled_colour_bar(tmp_path, rng):
+    """Two proponents whose maps differ by a factor of 3 draw the same tile (shares, not raw mass);
+    the first cell of the heatmap row is the colour ramp, bright (the largest share) at the top."""
+    from nda_ann.results.figures import BAR_WIDTH, TICK_GAP, percent, share_maps, share_ticks
+
+    query = np.full((32, 32, 3), 128, np.uint8)
+    heat = rng.random((32, 32)) ** 4
+    props = [Proponent(query, "#0", 3.0, 3 * heat), Proponent(query, "#1", 1.0, heat)]
+    img = np.asarray(Image.open(render_attribution(query, props, tmp_path / "s.png")).convert("RGB")).astype(int)
+    top = PAD + CELL + 4 * 13 + PAD
+    x1, x2 = PAD + CELL + PAD, PAD + 2 * (CELL + PAD)
+    np.testing.assert_array_equal(img[top : top + CELL, x1 : x1 + CELL], img[top : top + CELL, x2 : x2 + CELL])
+    bar = img[top : top + CELL, PAD + 2 : PAD + 2 + BAR_WIDTH]
+    np.testing.assert_array_equal(bar[0, 0], colormap(np.array(1.0)))
+    np.testing.assert_array_equal(bar[-1, 0], colormap(np.array(0.0)))
+    assert (np.diff(bar[:, 0].sum(1)) <= 0).all()  # darker downwards
+    shares = share_maps([3 * heat, None])
+    assert shares[1] is None and abs(shares[0].sum() - 1) < 1e-9
+    vmax = float(shares[0].max())
+    ticks = share_ticks(vmax)
+    assert ticks[0] == (vmax, 0) and ticks[-1] == (0.0, CELL - 1)
+    rows = [r for _, r in ticks]
+    assert rows == sorted(rows) and min(np.diff(rows)) >= TICK_GAP and len(ticks) >= 3
+    assert [v for v, _ in ticks] == sorted((v for v, _ in ticks), reverse=True)
+    assert percent(0.0213) == "2.1%" and percent(0.0005) == "0.05%" and percent(0) == "0"

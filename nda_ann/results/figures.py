@@ -2,9 +2,10 @@
 
 Layout (all sizes in pixels): a title band, then row 1 with the query and up to ``MAX_PROPONENTS``
 proponents, each a ``CELL`` x ``CELL`` tile with text lines under it; when any proponent has a
-heatmap, row 2 shows, under each proponent, where on the query it contributes (its map a(u, n)
-over query positions u, drawn with one square-root colour scale for the whole row over the
-dimmed query).
+heatmap, row 2 shows, under each proponent, where on the query it contributes: its map a(u, n)
+over query pixels u divided by its sum (the image's score), i.e. the share of that image's score
+each pixel gives, drawn over the dimmed query with one square-root colour scale for the whole
+row. The first cell of row 2 is that scale's colour bar, labelled in percent per pixel.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ MAX_PROPONENTS = 8
 BACKGROUND = (255, 255, 255)
 DIM = 0.35  # weight of the query under a heatmap
 GAMMA = 0.5  # heatmaps are drawn as (value / max) ** GAMMA so that small contributions stay visible
+BAR_WIDTH = 14  # the colour bar in the first cell of the heatmap row
+TICK_GAP = 13  # least vertical distance between two colour-bar labels
 
 # Control points of a viridis-like ramp (dark purple -> blue -> teal -> green -> yellow).
 _RAMP = np.array(
@@ -96,6 +99,59 @@ def _heat_tile(query_rgb: np.ndarray, heat: np.ndarray, vmax: float) -> Image.Im
     return Image.fromarray(np.rint(DIM * base + (1 - DIM) * colour).astype(np.uint8))
 
 
+def share_maps(heat: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
+    """Each (h, w) contribution map as the share of its image's score per pixel: clipped at 0 and
+    divided by its sum (so it sums to 1; an all-zero map stays 0)."""
+    out: list[np.ndarray | None] = []
+    for h in heat:
+        if h is None:
+            out.append(None)
+            continue
+        h = np.clip(np.asarray(h, dtype=np.float64), 0, None)
+        total = float(h.sum())
+        out.append(h / total if total > 0 else h)
+    return out
+
+
+def share_ticks(vmax: float, height: int = CELL) -> list[tuple[float, int]]:
+    """Colour-bar labels (share, pixel row from the top of a ``height`` bar) on the square-root
+    scale: the maximum at the top, 0 at the bottom, and round shares (1, 2, 5 x 10^k) between them
+    at least TICK_GAP rows from any other label."""
+    if not vmax > 0:
+        return [(0.0, height - 1)]
+
+    def row(v: float) -> int:
+        return int(round((1 - (v / vmax) ** GAMMA) * (height - 1)))
+
+    ticks = [(vmax, 0), (0.0, height - 1)]
+    exp = int(np.floor(np.log10(vmax)))
+    for e in range(exp, exp - 4, -1):
+        for m in (5, 2, 1):
+            v = m * 10.0**e
+            if v < vmax and all(abs(row(v) - r) >= TICK_GAP for _, r in ticks):
+                ticks.append((v, row(v)))
+    return sorted(ticks, key=lambda t: t[1])
+
+
+def percent(share: float) -> str:
+    """A share as a short percentage: 0.0213 -> '2.1%', 0.0005 -> '0.05%'."""
+    return "0" if share == 0 else f"{100 * share:.2g}%"
+
+
+def _colour_bar(vmax: float, font) -> Image.Image:
+    """A CELL x CELL tile: the heatmap colour ramp (bright = vmax at the top, 0 at the bottom, square
+    root scale) with its labels in percent of the image's score per pixel."""
+    tile = Image.new("RGB", (CELL, CELL), BACKGROUND)
+    ramp = 1 - np.linspace(0.0, 1.0, CELL)  # the drawn value (share / vmax) ** GAMMA, top to bottom
+    tile.paste(Image.fromarray(np.repeat(colormap(ramp)[:, None], BAR_WIDTH, axis=1)), (2, 0))
+    draw = ImageDraw.Draw(tile)
+    for share, y in share_ticks(vmax):
+        draw.line([(2 + BAR_WIDTH, y), (5 + BAR_WIDTH, y)], fill=(30, 30, 30))
+        top = min(max(y - FONT_SIZE // 2 - 1, 0), CELL - FONT_SIZE - 2)
+        draw.text((8 + BAR_WIDTH, top), percent(share), fill=(30, 30, 30), font=font)
+    return tile
+
+
 def _fit_lines(draw: ImageDraw.ImageDraw, text: str, font, width: int, lines: int) -> list[str]:
     """Break ``text`` into at most ``lines`` lines of ``width`` pixels, preferring '@', ',', ' '."""
     out: list[str] = []
@@ -160,11 +216,12 @@ def render_attribution(
     for i, p in enumerate(shown):
         cell(1 + i, 0, _tile(_rgb(p.image)), f"score {p.score:.4g}", p.label)
     if has_heat:
-        vmax = max(float(np.max(h)) for h in heat if h is not None)
-        cell(0, 1, _tile(q_rgb), "contribution per pixel", f"sqrt scale, max {vmax:.3g}")
-        for i, h in enumerate(heat):
+        shares = share_maps(heat)
+        vmax = max(float(np.max(h)) for h in shares if h is not None)
+        cell(0, 1, _colour_bar(vmax, font), "share of the image's score per pixel (sqrt scale)")
+        for i, h in enumerate(shares):
             if h is not None:
-                cell(1 + i, 1, _heat_tile(q_rgb, h, vmax), f"sum {float(np.sum(h)):.4g}")
+                cell(1 + i, 1, _heat_tile(q_rgb, h, vmax), f"peak {percent(float(np.max(h)))} a pixel")
     return _save_png_atomic(canvas, Path(path))
 
 
