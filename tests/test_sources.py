@@ -137,6 +137,16 @@ def test_decompression_bomb_guard():
     assert Image.MAX_IMAGE_PIXELS != 100  # the limit is restored
 
 
+def test_decompression_bomb_message_quotes_the_limit_in_force():
+    """PIL quotes twice its limit above that (and 2 for a limit of 1); the message quotes ours."""
+    for side, limit in ((12, 100), (20, 100), (2, 1), (5, 12)):
+        with pytest.raises(DecodeError) as err:
+            open_image(encode(Image.new("L", (side, side))), max_pixels=limit)
+        text = str(err.value)
+        assert f"image of {side * side:,} pixels, over the limit of {limit:,} pixel" in text, text
+        assert f"limit of {2 * limit:,} " not in text and "--max-pixels" in text
+
+
 # ---- readers ----------------------------------------------------------------------------------
 
 def test_folder_lists_images_sorted_and_ignores_others(tmp_path):

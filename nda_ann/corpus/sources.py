@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -374,6 +375,13 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = old
 
 
+def _bomb_message(err: Exception, max_pixels: int) -> str:
+    """The guard's reason with the limit in force (PIL quotes twice it above that, and warns at it)."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)):,} pixels" if found else "more pixels than allowed"
+    return f"decompression bomb guard: image of {size}, over the limit of {max_pixels:,} pixel{'s' if max_pixels != 1 else ''} (raise --max-pixels / max_pixels to allow)"
+
+
 def open_image(data: bytes | np.ndarray, max_pixels: int) -> Image.Image:
     """Decode bytes (first frame, EXIF orientation applied) or wrap an (H, W[, C]) array.
 
@@ -390,7 +398,7 @@ def open_image(data: bytes | np.ndarray, max_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise DecodeError(f"decompression bomb guard: {err} (raise max_pixels to allow)") from None
+            raise DecodeError(_bomb_message(err, max_pixels)) from None
         except UnidentifiedImageError:
             raise DecodeError("not a readable image (unknown format or corrupt header)") from None
         except Exception as err:
