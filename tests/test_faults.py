@@ -410,7 +410,7 @@ def test_a_failed_results_write_keeps_the_previous_results(fault, attribute_case
     out = tmp_path / "out"
     attribute_to_folder(root / "index", [root / "queries"], out, **kw)
     before = folder_bytes(out)
-    assert {"scores.parquet", "summary.json"} <= set(before) and len(before) == 5
+    assert {"scores.parquet", "summary.json", "report.npz"} <= set(before) and len(before) == 6  # and 3 figures
     owner, name, nth, when = {"scores": (pq, "write_table", 1, None), "figure": (report_mod, "render_attribution", 1, None),
                               "summary": (report_mod, "write_json_atomic", 1, None),
                               "publish rename": (os, "rename", 1, _to("out"))}[fault]

@@ -123,7 +123,10 @@ def _settings_html(summary: dict[str, Any]) -> str:
     """The run's settings and context as a two-column table."""
     items = {k: summary.get(k) for k in ("source", "n_images", "timesteps", "scales", "device", "seconds", "written")}
     items.update({f"settings.{k}": v for k, v in (summary.get("settings") or {}).items()})
-    cells = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>" for k, v in items.items() if v is not None)
+    def shown(v: Any) -> str:
+        return "default" if v is None else v if isinstance(v, str) else json.dumps(v)
+
+    cells = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(shown(v))}</td></tr>" for k, v in items.items())
     return f'<h2>Settings</h2><table class="settings">{cells}</table>'
 
 

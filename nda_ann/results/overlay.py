@@ -17,7 +17,7 @@ from .figures import DIM, GAMMA, colormap
 
 TILE = 192          # side of the drawn query, in pixels
 BAR_WIDTH = 12
-LABEL_WIDTH = 58    # room for the tick labels right of the bar
+LABEL_WIDTH = 44    # room for the tick labels right of the bar
 CAPTION_HEIGHT = 30
 PAD = 6
 BACKGROUND = (255, 255, 255)

@@ -22,7 +22,7 @@ h1 { font-size: 22px; margin: 0 0 4px; } #info { color: #555; margin-bottom: 16p
 img.px { image-rendering: pixelated; border: 1px solid #ccc; }
 .mass b { font-size: 18px; } .note { color: #666; font-size: 12px; }
 .props { display: flex; flex-wrap: wrap; gap: 12px; }
-.prop { border: 1px solid #e3e3e3; border-radius: 6px; padding: 8px; width: 280px; background: #fdfdfd; }
+.prop { border: 1px solid #e3e3e3; border-radius: 6px; padding: 8px; width: 262px; background: #fdfdfd; }
 .prop .row { display: flex; gap: 8px; align-items: flex-start; }
 .prop .score { font-size: 16px; font-weight: 600; font-variant-numeric: tabular-nums; }
 .prop .src { font-size: 11px; color: #555; word-break: break-all; }
