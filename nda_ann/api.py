@@ -7,25 +7,31 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import write_json_atomic
+from .atomic import check_writable, write_json_atomic
 from .attribution.attributor import Attribution, Attributor
 from .scoring.exact import exact_attribution
 from .results.fidelity import fidelity_table
 from .corpus.inputs import CorpusView
-from .corpus.queries import load_queries
+from .corpus.queries import load_query_batch
 from .results.report import write_report
 from .corpus.store import Store
 
 
-def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None, rerank: int | None = None, outside_sample: int | None = None) -> str:
-    """Attribute ``queries`` against an index (or, with ``exact``, a store); write ``out``; return the table text."""
+def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None, rerank: int | None = None, outside_sample: int | None = None, allow_resize: bool = True) -> str:
+    """Attribute ``queries`` against an index (or, with ``exact``, a store); write ``out``; return the table text.
+
+    Queries of another size than the corpus are resized (recorded in summary.json as
+    ``resized_queries``), or refused with ``allow_resize=False``.
+    """
     started = time.perf_counter()
+    check_writable(out)  # a read-only --out fails now, not after the attribution
     if exact:
         store = Store.open(source)
         corpus = CorpusView(store)
         if not scales:
             raise ValueError("--exact needs at least one --scale, e.g. --scale 7 or --scale 14 --scale 10:2")
-        q, names = load_queries(queries, corpus.shape)
+        batch = load_query_batch(queries, corpus.shape, allow_resize=allow_resize)
+        q, names = batch.images, batch.names
         res = exact_attribution(store, q, timesteps=list(timesteps), scales=scales, alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws, schedule=schedule, device=device, precision=precision or "float64", maps_for=maps, progress=True)
         settings = {"method": "exact", "timesteps": list(timesteps), "scales": [str(s) for s in res.scales], "alpha": alpha, "topk": topk, "seed": seed, "noise_draws": noise_draws, "schedule": schedule, "precision": precision or "float64", "store": str(store.path), "store_fingerprint": store.fingerprint}
         result = Attribution.from_exact(res, corpus.sources(), names, settings)
@@ -34,19 +40,23 @@ def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exac
         if scales and [str(s) for s in scales] != [str(s) for s in attributor.scales]:
             raise ValueError(f"the index holds scales {[str(s) for s in attributor.scales]}; --scale must match or be omitted")
         corpus = attributor.corpus
-        q, names = load_queries(queries, corpus.shape)
+        batch = load_query_batch(queries, corpus.shape, allow_resize=allow_resize)
+        q, names = batch.images, batch.names
         result = attributor.attribute(q, list(timesteps), k=k, candidates=candidates, nprobe=nprobe, topk=topk, alpha=alpha, seed=seed, noise_draws=noise_draws, schedule=schedule, mode=mode, precision=precision or "float32", maps=maps, names=names, progress=True, tail=tail, rerank=rerank, outside_sample=outside_sample)
         result.settings.update({"method": f"index/{mode}", "index": str(source)})
-    summary = {"source": str(source), "seconds": round(time.perf_counter() - started, 3)}
+    summary = {"source": str(source), "seconds": round(time.perf_counter() - started, 3), "resized_queries": batch.resized}
     return write_report(Path(out), result, q, corpus, summary, top=top)
 
 
-def compare_to_exact(index: Path, queries: Sequence[Any], *, timesteps: Sequence[int] = (100,), json_path: Path | None = None, device: str = "auto", **kwargs) -> str:
+def compare_to_exact(index: Path, queries: Sequence[Any], *, timesteps: Sequence[int] = (100,), json_path: Path | None = None, device: str = "auto", allow_resize: bool = True, **kwargs) -> str:
     """Run the index path and the exact scorer on the same queries and noise; SPEC 5 metrics as text."""
+    if json_path:
+        check_writable(json_path)
     attributor = Attributor.open(index, device=device)
-    q, names = load_queries(queries, attributor.corpus.shape)
+    batch = load_query_batch(queries, attributor.corpus.shape, allow_resize=allow_resize)
+    q, names = batch.images, batch.names
     t0 = time.perf_counter()
-    approx = attributor.attribute(q, list(timesteps), names=names, maps=0, **kwargs)
+    approx = attributor.attribute(q, list(timesteps), names=names, maps=0, progress=True, **kwargs)
     t_index = time.perf_counter() - t0
     t0 = time.perf_counter()
     exact = exact_attribution(attributor.corpus.stores, q, timesteps=list(timesteps), scales=attributor.scales, alpha=kwargs.get("alpha"), topk=kwargs.get("topk"), seed=kwargs.get("seed", 0), noise_draws=kwargs.get("noise_draws", 1), schedule=kwargs.get("schedule", "linear"), device=device, progress=True)
@@ -63,5 +73,5 @@ def compare_to_exact(index: Path, queries: Sequence[Any], *, timesteps: Sequence
         lines.append(f"{'mean':<24} {t:>5} " + " ".join(f"{np.mean([r[k] for r in sel]):>20.4f}" for k in keys))
     lines.append(f"time: index path {t_index:.2f} s, exact {t_exact:.2f} s ({t_exact / max(t_index, 1e-9):.1f}x)")
     if json_path:
-        write_json_atomic(Path(json_path), {"index": str(index), "queries": names, "timesteps": list(timesteps), "settings": approx.settings, "rows": rows, "seconds": {"index": t_index, "exact": t_exact}})
+        write_json_atomic(Path(json_path), {"index": str(index), "queries": names, "timesteps": list(timesteps), "settings": approx.settings, "resized_queries": batch.resized, "rows": rows, "seconds": {"index": t_index, "exact": t_exact}})
     return "\n".join(lines)

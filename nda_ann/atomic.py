@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 import weakref
@@ -48,6 +49,17 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def check_writable(target: str | Path) -> None:
+    """Raise now the OSError (no permission, read-only file system) that writing ``target``'s hidden
+    siblings would meet at the end of a long run: makes the parent folders, creates and removes
+    an empty probe file next to ``target``."""
+    parent = Path(target).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{Path(target).name}.probe-", dir=parent)
+    os.close(fd)
+    os.unlink(name)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -24,14 +24,14 @@ class ScaleParam(click.ParamType):
 
 def _common(f):
     opts = [
-        click.option("-t", "--timestep", "timesteps", type=int, multiple=True, default=(100,), show_default=True, help="Diffusion timestep; repeat for several (their mean is reported too)."),
+        click.option("-t", "--timestep", "timesteps", type=int, multiple=True, default=(100,), show_default=True, callback=_unique_timesteps, help="Diffusion timestep; repeat for several (their mean is reported too; a repeated one is dropped with a warning)."),
         click.option("--scale", "scales", type=ScaleParam(), multiple=True, help="Patch scale P or P:F (repeat for two). Index mode: defaults to the index's scales."),
         click.option("--alpha", type=float, default=None, help="Weight of the first of two scales (default 0.5)."),
         click.option("--topk", type=click.IntRange(min=1), default=None, help="Sum only the K largest patch weights per image (SPEC 2)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (SPEC 1)."),
         click.option("--noise-draws", type=click.IntRange(min=1), default=1, show_default=True, help="Average the scores of this many noise draws."),
         click.option("--schedule", type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]), default="linear", show_default=True),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i]."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<i>."),
         click.option("--k", type=click.IntRange(min=1), default=1024, show_default=True, help="Patches retrieved per query patch."),
         click.option("--candidates", "-m", type=click.IntRange(min=1), default=None, help="Candidate images re-scored exactly (M; default 150 at low noise, sigma^2 < 0.3 such as t = 100, else 1,000)."),
         click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed (default: the index's)."),
@@ -39,6 +39,7 @@ def _common(f):
         click.option("--rerank", type=click.IntRange(min=1), default=None, help="Re-rank a pool of RERANK x M images by exact mass at a subset of query positions (default 1 = off; measured in BENCHMARKS.md)."),
         click.option("--outside-sample", type=click.IntRange(min=0), default=None, help="Non-candidate images sampled (one position each per layout class) to estimate the mass outside the M (default 512; 0: only the retrieved patches count)."),
         click.option("--tail/--no-tail", default=None, help="Score non-candidates by the weights of their retrieved patches (default on; --no-tail scores them 0 as SPEC section 4)."),
+        click.option("--resize/--no-resize", "allow_resize", default=True, show_default=True, help="Resize query images of another size than the corpus as the training images were (shorter side, centre crop), with a warning and a record in summary.json; --no-resize refuses them."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -47,6 +48,26 @@ def _common(f):
 
 def _fail(err: Exception):
     raise click.ClickException(str(err)) from err
+
+
+def _unique_timesteps(ctx, param, value: tuple[int, ...]) -> tuple[int, ...]:
+    """Drop repeated timesteps (in order) with a warning: a repeat adds the same scores again and
+    would only weigh that timestep twice in the mean."""
+    unique = tuple(dict.fromkeys(value))
+    if len(unique) < len(value):
+        click.echo(f"warning: timestep(s) {', '.join(str(t) for t in sorted({t for t in value if value.count(t) > 1}))} "
+                   f"given more than once; each is used once: {' '.join(f'-t {t}' for t in unique)}", err=True)
+    return unique
+
+
+def _device(device: str, precision: str) -> str:
+    """Resolve --device (a clear error for an unknown or absent one), print the device line, return it."""
+    from ..device import device_line, resolve_device
+    from .failures import echo_device
+
+    dev = resolve_device(device)
+    echo_device(device_line(dev, precision))
+    return str(dev)
 
 
 @main.command("attribute")
@@ -58,19 +79,20 @@ def _fail(err: Exception):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Results folder.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows printed per query.")
 @click.option("--html", "html", is_flag=True, help="Also write OUT/report.html (self-contained; `nda-ann report OUT` does the same later).")
-def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, precision, out_dir, top, html):
+def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, allow_resize, precision, out_dir, top, html):
     """Say which training images QUERY images draw on: SOURCE is an index (or a store with --exact)."""
     from .. import api
     from ..errors import NdaError
+    from .failures import reported
 
-    try:
+    with reported(out_dir):
+        device = _device(device, precision or ("float64" if exact else "float32"))
         text = api.attribute_to_folder(
             source, list(queries), out_dir, exact=exact, timesteps=list(timesteps), scales=list(scales) or None,
             alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws, schedule=schedule, device=device, k=k,
             candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, tail=tail, precision=precision, top=top,
+            allow_resize=allow_resize,
         )
-    except (NdaError, ValueError, FileExistsError) as err:
-        _fail(err)
     click.echo(text)
     click.echo(f"wrote {out_dir}/scores.parquet, summary.json and one PNG per query")
     if html:
@@ -87,16 +109,16 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
 @click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @_common
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the metrics here.")
-def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, json_out):
+def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, allow_resize, json_out):
     """Fidelity of the index path against the exact scorer on the same queries and noise (SPEC 5)."""
     from .. import api
-    from ..errors import NdaError
+    from .failures import reported
 
-    try:
+    with reported(json_out):
+        device = _device(device, "float32 (index path), float64 (exact)")
         text = api.compare_to_exact(
             index, list(queries), timesteps=list(timesteps), alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws,
             schedule=schedule, device=device, k=k, candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, tail=tail, json_path=json_out,
+            allow_resize=allow_resize,
         )
-    except (NdaError, ValueError) as err:
-        _fail(err)
     click.echo(text)

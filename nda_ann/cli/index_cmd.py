@@ -13,6 +13,17 @@ from .group import main
 DEFAULTS: dict[str, Any] = {"factory": "auto", "memory_budget": "8G", "candidate_stride": 1, "classes": "all", "gpu": "auto", "seed": 0}
 
 
+def _device_line(gpu: str) -> None:
+    """Print where FAISS trains and adds (the GPUs it sees under --gpu, else the CPU), float32 vectors."""
+    import faiss
+
+    from ..device import device_line
+    from ..index.gpu import resolve_gpu
+    from .failures import echo_device
+
+    echo_device(device_line(None, "float32", faiss.get_num_gpus() if resolve_gpu(gpu) else 0))
+
+
 @main.command("build")
 @click.argument("store", required=False, type=click.Path(path_type=Path))
 @click.argument("index", required=False)
@@ -38,8 +49,9 @@ def build_command(store: Path | None, index: str | None, scales: tuple[str, ...]
     """
     from ..index import build_index
     from ..index.recipe import load_recipe
+    from .failures import reported
 
-    try:
+    with reported(index):
         base = load_recipe(recipe) if recipe else {}
         given = {"store": store, "index": index, "scales": list(scales) or None, "factory": factory,
                  "memory_budget": memory_budget, "candidate_stride": candidate_stride, "classes": classes, "gpu": gpu, "seed": seed}
@@ -47,10 +59,9 @@ def build_command(store: Path | None, index: str | None, scales: tuple[str, ...]
         for key, hint in (("store", "STORE"), ("index", "INDEX"), ("scales", "--scale 7")):
             if not opts[key]:
                 raise click.UsageError(f"missing {hint} (give it on the command line or in a --recipe)")
+        _device_line(opts["gpu"])
         built = build_index(opts.pop("store"), opts.pop("index"), opts.pop("scales"), overwrite=overwrite,
                             progress=progress, **opts)
-    except NdaError as err:
-        raise click.ClickException(str(err)) from err
     click.echo(f"{built.path}: {built.count} images, scales {', '.join(str(s) for s in built.scales)}")
 
 
@@ -62,11 +73,11 @@ def build_command(store: Path | None, index: str | None, scales: tuple[str, ...]
 def add_command(index: str, store: Path, gpu: str, progress: bool) -> None:
     """Append the images of STORE to INDEX; their ids continue after the existing images."""
     from ..index import add_to_index
+    from .failures import reported
 
-    try:
+    with reported(index):
+        _device_line(gpu)
         updated = add_to_index(index, store, gpu=gpu, progress=progress)
-    except NdaError as err:
-        raise click.ClickException(str(err)) from err
     click.echo(f"{updated.path}: {updated.count} images in {len(updated.manifest['stores'])} store(s)")
 
 

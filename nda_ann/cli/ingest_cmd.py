@@ -34,12 +34,14 @@ def ingest_command(source: Path, store: Path, resolution: int, channels: str, on
     Images are converted to RGB (or grayscale), resized on the shorter side and centre-cropped to
     R x R. An interrupted ingest continues where it stopped when the same command is run again.
     """
-    try:
+    from ..device import device_line
+    from .failures import echo_device, reported
+
+    with reported(store):
+        echo_device(device_line(None, "uint8 pixels"))
         st = ingest(source, store, resolution, channels=int(channels), on_error=on_error,  # type: ignore[arg-type]
                     image_column=image_column, source_column=source_column, overwrite=overwrite, workers=workers,
                     batch_size=batch_size, progress=progress, max_pixels=max_pixels)
-    except NdaError as err:
-        raise click.ClickException(str(err)) from err
     skipped = len(st.manifest.get("skipped", []))
     note = f"; skipped {skipped} (reasons in manifest.json, or `nda-ann store-info --skipped`)" if skipped else ""
     click.echo(f"{st.path}: {st.count} images of {st.resolution}x{st.resolution}x{st.channels}{note}")

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 1 << 27  # ~134 megapixels; larger images are skipped as decompression bombs
 DEFAULT_BATCH_SIZE = 256
+MAX_IMAGE_BYTES = 256 << 20  # one stored image (R = 9,459 in RGB)
+MAX_BATCH_BYTES = 4 << 30  # the decoded pixels of one batch
 RECORD_ROW_GROUP = 65536
 CHECKPOINT_VERSION = 1
 BASE_SCHEMA = pa.schema([
@@ -285,6 +287,13 @@ def _check_arguments(resolution: int, channels: int, on_error: str, batch_size: 
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if batch_size < 1 or max_pixels < 1:
         raise ValueError("batch_size and max_pixels must be positive")
+    image_bytes = resolution * resolution * channels
+    if image_bytes > MAX_IMAGE_BYTES:
+        raise ValueError(f"resolution {resolution}: one {resolution}x{resolution}x{channels} image would take "
+                         f"{image_bytes / 2**20:,.0f} MiB (limit {MAX_IMAGE_BYTES >> 20} MiB); choose a smaller --resolution")
+    if batch_size * image_bytes > MAX_BATCH_BYTES:
+        raise ValueError(f"batch size {batch_size}: {batch_size} images of {resolution}x{resolution}x{channels} would take "
+                         f"{batch_size * image_bytes / 2**30:,.1f} GiB (limit {MAX_BATCH_BYTES >> 30} GiB); lower --batch-size")
 
 
 def ingest(

@@ -58,13 +58,18 @@ def default_root() -> Path:
 
 
 def resolve_index_path(path: str | Path) -> Path:
-    """A bare name (no folder part, e.g. ``cifar2-p7``) means ``indexes/<name>``; a path stays as given."""
+    """A bare name (no folder part, e.g. ``cifar2-p7``) means ``indexes/<name>``; a path with a folder
+    part (``./name``, ``out/name``, absolute) is used as given.
+
+    The result always keeps a folder part (``./name`` becomes ``<cwd>/name``, as ``Path`` would drop
+    the ``./``), so resolving it again gives the same folder.
+    """
     text = str(path)
     if not text or text in (".", ".."):
         raise IndexError_(text, "not a usable index name")
-    if os.sep in text or "/" in text or Path(text).is_absolute():
-        return Path(text)
-    return default_root() / text
+    given = os.sep in text or "/" in text or Path(text).is_absolute()
+    resolved = Path(text) if given else default_root() / text
+    return Path.cwd() / resolved if resolved.parent == Path(".") else resolved
 
 
 def versions() -> dict[str, str]:

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
+
+from tqdm.auto import tqdm
 
 log = logging.getLogger("nda_ann.index")
 _depth = 0
@@ -57,3 +60,33 @@ def phase(name: str, est_seconds: float | None = None, est_bytes: float | None =
     finally:
         _depth -= 1
         log.info("%s%s done in %s", pad, name, human_seconds(time.perf_counter() - t0))
+
+
+TICK_SECONDS = 0.5
+
+
+@contextmanager
+def ticking(desc: str, est_seconds: float, progress: bool = True) -> Iterator[tqdm]:
+    """A progress bar over the estimated seconds of a step that reports nothing itself (FAISS
+    k-means training), advanced from a thread every TICK_SECONDS while the block runs (FAISS
+    releases the GIL); it stops at 99% until the block ends. Yields the bar (for a postfix)."""
+    total = max(float(est_seconds), 1.0)
+    bar = tqdm(total=round(total, 1), desc=desc, unit="s", disable=not progress, leave=False,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} of est. {total_fmt} s{postfix}")
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def tick() -> None:
+        while not done.wait(TICK_SECONDS):
+            bar.n = round(min(time.perf_counter() - t0, 0.99 * total), 1)
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True, name="nda-ann-ticker")
+    ticker.start()
+    try:
+        yield bar
+    finally:
+        done.set()
+        ticker.join()
+        bar.n = bar.total
+        bar.close()

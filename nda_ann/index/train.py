@@ -1,6 +1,7 @@
 """Training of each layout class's template on a deterministic random sample of store images."""
 from __future__ import annotations
 
+import errno
 import math
 import os
 from pathlib import Path
@@ -16,17 +17,32 @@ from ..corpus.store import Store
 from .factory import ClassSpec, check_pixel_grid, make_index, pixel_codes, set_pixel_ranges
 from .gpu import gpu_clustering
 from .layout_ids import ClassLayout
-from .phases import RATES, log, phase
+from .phases import RATES, log, phase, ticking
 
 
 def write_index_atomic(index: faiss.Index, path: Path) -> int:
-    """faiss.write_index to ``path`` via a temporary name and os.replace; returns the size in bytes."""
+    """faiss.write_index to ``path`` via a temporary name and os.replace; returns the size in bytes.
+
+    FAISS reports a failed write (disk full, no permission) as a RuntimeError; it is raised as the
+    OSError it was (errno from FAISS's message, else EIO), naming the file.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
+    try:
+        faiss.write_index(index, str(tmp))
+    except RuntimeError as err:
+        tmp.unlink(missing_ok=True)
+        raise faiss_os_error(err, tmp) from err
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path.stat().st_size
+
+
+def faiss_os_error(err: RuntimeError, path: Path) -> OSError:
+    """The OSError behind a FAISS I/O RuntimeError: FAISS quotes strerror, e.g. '(No space left on device)'."""
+    text = str(err)
+    code = next((c for c in sorted(errno.errorcode) if os.strerror(c) in text), errno.EIO)
+    return OSError(code, os.strerror(code), str(path))
 
 
 def sample_vectors(store: Store, scale: Scale, classes: Sequence[ClassLayout], sizes: Sequence[int],
@@ -95,17 +111,27 @@ def train_templates(store: Store, scale: Scale, classes: Sequence[ClassLayout], 
                    f"({', '.join(sorted({specs[i].factory for i in group}))})",
                    est_seconds=est, est_bytes=2 * sum(sizes) * 4 * d):
             samples = sample_vectors(store, scale, [classes[i] for i in group], sizes, seed, batch_size, progress)
-            for i, x in zip(group, samples):
-                index = make_index(specs[i].factory, d)
-                if use_gpu:
-                    gpu_clustering(index)
-                index.train(x)
-                if pixel_codes(specs[i].factory):
-                    set_pixel_ranges(index, check_pixel_grid(x, f"scale {scale} class {classes[i].index} training sample"))
-                ivf = faiss.try_extract_index_ivf(index)
-                if ivf is not None:
-                    ivf.clustering_index = None
-                write_index_atomic(index, out_dir / class_file(classes[i].index))
-                log.debug("trained class %d (%s) on %d vectors", classes[i].index, specs[i].factory, len(x))
+            with ticking(f"train {scale}", est, progress) as bar:
+                _train_group(scale, classes, specs, group, samples, out_dir, d, use_gpu, bar)
     return {class_file(c.index): (out_dir / class_file(c.index)).stat().st_size
             for c, spec in zip(classes, specs) if spec.train_size > 0}
+
+
+def _train_group(scale: Scale, classes: Sequence[ClassLayout], specs: Sequence[ClassSpec], group: list[int],
+                 samples: list[np.ndarray], out_dir: Path, d: int, use_gpu: bool, bar: tqdm) -> None:
+    """Train the classes ``group`` on their (n_i, d) samples; write each empty trained index to ``out_dir``."""
+    from .manifest import class_file
+
+    for k, (i, x) in enumerate(zip(group, samples)):
+        bar.set_postfix_str(f"class {k + 1}/{len(group)}, {len(x):,} vectors", refresh=False)
+        index = make_index(specs[i].factory, d)
+        if use_gpu:
+            gpu_clustering(index)
+        index.train(x)
+        if pixel_codes(specs[i].factory):
+            set_pixel_ranges(index, check_pixel_grid(x, f"scale {scale} class {classes[i].index} training sample"))
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.clustering_index = None
+        write_index_atomic(index, out_dir / class_file(classes[i].index))
+        log.debug("trained class %d (%s) on %d vectors", classes[i].index, specs[i].factory, len(x))
