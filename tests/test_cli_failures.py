@@ -22,7 +22,8 @@ from nda_ann.corpus.store import Store, write_store
 from nda_ann.index import build_index
 
 R = 16
-DEVICE_LINE = re.compile(r"^device: cpu \(\d+ threads(, [\w ()\-,]+)?\), faiss \d+\.\d+\.\d+ [A-Z][\w-]*", re.MULTILINE)
+DEVICE_LINE = re.compile(r"^device: (cpu \(\d+ threads|cuda:\d+ \([^,)]*)(, [\w ()\-,]+)?\), faiss \d+\.\d+\.\d+ [A-Za-z][\w-]*",
+                         re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
