@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-	  $(PY) -m pip install -q -e '.[gpu,test,demo,bench]'; \
+	  $(PY) -m pip install -q -e '.[gpu,test,demo,bench,ray]'; \
 	else \
-	  $(PY) -m pip install -q '$(TORCH_CPU)' && $(PY) -m pip install -q -e '.[test,demo,bench]'; \
+	  $(PY) -m pip install -q '$(TORCH_CPU)' && $(PY) -m pip install -q -e '.[test,demo,bench,ray]'; \
 	fi
 	touch $@
 

@@ -17,8 +17,10 @@ from .results.report import write_report
 from .corpus.store import Store
 
 
-def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None, rerank: int | None = None, outside_sample: int | None = None, allow_resize: bool = True) -> str:
+def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None, rerank: int | None = None, outside_sample: int | None = None, allow_resize: bool = True, engine: str = "local", address: str | None = None, actors: int | None = None, timeout_s: float | None = None) -> str:
     """Attribute ``queries`` against an index (or, with ``exact``, a store); write ``out``; return the table text.
+
+    ``engine="ray"`` serves the index from Ray shard actors (see ``open_attributor``); the scores are the same.
 
     Queries of another size than the corpus are resized (recorded in summary.json as
     ``resized_queries``), or refused with ``allow_resize=False``.
@@ -36,7 +38,7 @@ def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exac
         settings = {"method": "exact", "timesteps": list(timesteps), "scales": [str(s) for s in res.scales], "alpha": alpha, "topk": topk, "seed": seed, "noise_draws": noise_draws, "schedule": schedule, "precision": precision or "float64", "store": str(store.path), "store_fingerprint": store.fingerprint}
         result = Attribution.from_exact(res, corpus.sources(), names, settings)
     else:
-        attributor = Attributor.open(source, device=device)
+        attributor = open_attributor(source, device=device, engine=engine, address=address, actors=actors, timeout_s=timeout_s)
         if scales and [str(s) for s in scales] != [str(s) for s in attributor.scales]:
             raise ValueError(f"the index holds scales {[str(s) for s in attributor.scales]}; --scale must match or be omitted")
         corpus = attributor.corpus
@@ -46,6 +48,20 @@ def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exac
         result.settings.update({"method": f"index/{mode}", "index": str(source)})
     summary = {"source": str(source), "seconds": round(time.perf_counter() - started, 3), "resized_queries": batch.resized}
     return write_report(Path(out), result, q, corpus, summary, top=top)
+
+
+def open_attributor(index: Path, *, device: str = "auto", engine: str = "local", address: str | None = None,
+                    actors: int | None = None, timeout_s: float | None = None) -> Attributor:
+    """``Attributor.open(index)``, or with ``engine="ray"`` one whose searches and pixel reads go to
+    ``actors`` shard actors on the Ray cluster at ``address`` (``nda_ann.distributed.open_ray_attributor``)."""
+    if engine == "local":
+        return Attributor.open(index, device=device)
+    if engine != "ray":
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    from .distributed import open_ray_attributor
+
+    return open_ray_attributor(index, address=address, actors=actors, device=device,
+                               **({} if timeout_s is None else {"timeout_s": timeout_s}))
 
 
 def compare_to_exact(index: Path, queries: Sequence[Any], *, timesteps: Sequence[int] = (100,), json_path: Path | None = None, device: str = "auto", allow_resize: bool = True, **kwargs) -> str:

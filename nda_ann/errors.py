@@ -15,6 +15,10 @@ class NdaError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):
+        """Pickled as (path, problem), so the error crosses processes (pools, Ray workers) as itself."""
+        return type(self), (self.path, self.problem)
+
 
 class StoreError(NdaError):
     """A corpus store is missing, incomplete, from another version, or does not fit."""

@@ -21,3 +21,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """One small local Ray cluster for the whole session (2 CPUs); its address. Skips without Ray."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, object_store_memory=128 << 20, include_dashboard=False, log_to_driver=False,
+             logging_level="warning")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -79,7 +79,14 @@ def _device(device: str, precision: str) -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Results folder.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows printed per query.")
 @click.option("--html", "html", is_flag=True, help="Also write OUT/report.html (self-contained; `nda-ann report OUT` does the same later).")
-def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, allow_resize, precision, out_dir, top, html):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: search the index through Ray shard actors and fetch pixels from them (pip install 'nda-ann[ray]'); the scores are the same.")
+@click.option("--address", default=None, help="--engine ray: the Ray cluster (auto, HOST:PORT; default: a new local one).")
+@click.option("--actors", type=click.IntRange(min=1), default=None, help="--engine ray: shard actors (default: one per node, at most one per shard).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--engine ray: seconds an actor may take to answer before the query fails (default 120).")
+def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, tail, allow_resize, precision, out_dir, top, html,
+              engine="local", address=None, actors=None, timeout_s=None):
     """Say which training images QUERY images draw on: SOURCE is an index (or a store with --exact)."""
     from .. import api
     from ..errors import NdaError
@@ -91,7 +98,7 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
             source, list(queries), out_dir, exact=exact, timesteps=list(timesteps), scales=list(scales) or None,
             alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws, schedule=schedule, device=device, k=k,
             candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, tail=tail, precision=precision, top=top,
-            allow_resize=allow_resize,
+            allow_resize=allow_resize, engine=engine, address=address, actors=actors, timeout_s=timeout_s,
         )
     click.echo(text)
     click.echo(f"wrote {out_dir}/scores.parquet, summary.json and one PNG per query")

@@ -40,9 +40,14 @@ def _device_line(gpu: str) -> None:
               help="A TOML/JSON recipe with these settings; command-line values override it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing INDEX (atomically).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: add the shards' image ranges in parallel Ray tasks (pip install 'nda-ann[ray]'); the index is the same.")
+@click.option("--address", default=None, help="--engine ray: the Ray cluster (auto, HOST:PORT; default: a new local one).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="--engine ray: range tasks at once (default: the cluster's CPUs).")
 def build_command(store: Path | None, index: str | None, scales: tuple[str, ...], factory: str | None,
                   memory_budget: str | None, candidate_stride: int | None, classes: str | None, gpu: str | None,
-                  seed: int | None, recipe: Path | None, overwrite: bool, progress: bool) -> None:
+                  seed: int | None, recipe: Path | None, overwrite: bool, progress: bool, engine: str = "local",
+                  address: str | None = None, workers: int | None = None) -> None:
     """Build a patch index of STORE at INDEX (a bare name lands in indexes/NAME).
 
     Rerunning an interrupted build with the same settings resumes from its finished shards.
@@ -61,7 +66,7 @@ def build_command(store: Path | None, index: str | None, scales: tuple[str, ...]
                 raise click.UsageError(f"missing {hint} (give it on the command line or in a --recipe)")
         _device_line(opts["gpu"])
         built = build_index(opts.pop("store"), opts.pop("index"), opts.pop("scales"), overwrite=overwrite,
-                            progress=progress, **opts)
+                            progress=progress, engine=engine, address=address, workers=workers, **opts)
     click.echo(f"{built.path}: {built.count} images, scales {', '.join(str(s) for s in built.scales)}")
 
 

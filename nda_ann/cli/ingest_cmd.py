@@ -26,9 +26,12 @@ from .group import main
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Skip larger images (decompression-bomb guard).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: decode batches in Ray tasks (--workers batches at once; pip install 'nda-ann[ray]'); the store is the same.")
+@click.option("--address", default=None, help="--engine ray: the Ray cluster (auto, HOST:PORT; default: a new local one).")
 def ingest_command(source: Path, store: Path, resolution: int, channels: str, on_error: str, image_column: str | None,
                    source_column: str | None, overwrite: bool, workers: int | None, batch_size: int, max_pixels: int,
-                   progress: bool) -> None:
+                   progress: bool, engine: str = "local", address: str | None = None) -> None:
     """Ingest SOURCE (image folder, Parquet file or folder, or .npy array) into the corpus store STORE.
 
     Images are converted to RGB (or grayscale), resized on the shorter side and centre-cropped to
@@ -41,7 +44,7 @@ def ingest_command(source: Path, store: Path, resolution: int, channels: str, on
         echo_device(device_line(None, "uint8 pixels"))
         st = ingest(source, store, resolution, channels=int(channels), on_error=on_error,  # type: ignore[arg-type]
                     image_column=image_column, source_column=source_column, overwrite=overwrite, workers=workers,
-                    batch_size=batch_size, progress=progress, max_pixels=max_pixels)
+                    batch_size=batch_size, progress=progress, max_pixels=max_pixels, engine=engine, address=address)
     skipped = len(st.manifest.get("skipped", []))
     note = f"; skipped {skipped} (reasons in manifest.json, or `nda-ann store-info --skipped`)" if skipped else ""
     click.echo(f"{st.path}: {st.count} images of {st.resolution}x{st.resolution}x{st.channels}{note}")

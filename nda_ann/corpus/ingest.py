@@ -246,6 +246,15 @@ def _decoder(fn: Callable[[Item], Decoded], workers: int) -> Iterator[Callable[[
         pool.join()
 
 
+def _decoder_for(engine: str, fn: Callable[[Item], Decoded], workers: int | None, address: str | None):
+    """The local process-pool decoder, or the Ray one (``nda_ann.distributed.ingest``)."""
+    if engine == "local":
+        return _decoder(fn, workers)
+    from ..distributed.ingest import ray_decoder
+
+    return ray_decoder(fn, workers, address)
+
+
 def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
     while batch := list(itertools.islice(items, size)):
         yield batch
@@ -309,6 +318,8 @@ def ingest(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    engine: Literal["local", "ray"] = "local",
+    address: str | None = None,
 ) -> Store:
     """Ingest an image folder, Parquet file/folder or .npy array into a store of (N, R, R, C) uint8.
 
@@ -316,6 +327,8 @@ def ingest(
     an InputError naming it (the work done so far is kept for a rerun). ``workers`` decode in a
     process pool (default min(4, cpu_count); 0 or 1 decode in this process). An existing STORE is
     an error unless ``overwrite``, which replaces it atomically. Returns the opened store.
+    ``engine="ray"`` (extra ``nda-ann[ray]``) decodes the batches in Ray tasks on the cluster at
+    ``address`` instead (``workers`` batches in flight; the store is the same).
     """
     _check_arguments(resolution, channels, on_error, batch_size, max_pixels)
     store = Path(store).absolute()
@@ -324,8 +337,10 @@ def ingest(
         raise StoreError(store, "already exists; pass --overwrite (overwrite=True) to replace it")
     if store == src_path or store in src_path.parents:
         raise StoreError(store, f"the store must not be the source or contain it ({src_path})")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     src = open_source(source, image_column, source_column)
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    workers = min(4, os.cpu_count() or 1) if workers is None and engine == "local" else workers
     bytes_per_image = resolution * resolution * channels
     transform_desc = transform.describe(resolution, channels)
     signature = json.loads(json.dumps({
@@ -344,7 +359,7 @@ def ingest(
         fn = functools.partial(process_item, resolution=resolution, channels=channels, max_pixels=max_pixels)
         batches = _batches(src.items(prog.inputs_done), batch_size)
         bar = tqdm(total=src.count, initial=prog.inputs_done, unit="img", desc="ingest", disable=not progress, dynamic_ncols=True)
-        with bar, _decoder(fn, workers) as run, open(partial.images, "ab") as pix, open(partial.skip_log, "ab") as skp:
+        with bar, _decoder_for(engine, fn, workers, address) as run, open(partial.images, "ab") as pix, open(partial.skip_log, "ab") as skp:
             for number, (batch, results) in enumerate(run(batches)):
                 rows: list[tuple[Item, Decoded]] = []
                 skips = []

@@ -70,43 +70,84 @@ def _estimate_add(entry: dict[str, Any], images: int) -> tuple[float, float]:
     return secs, vecs and images * entry["bytes_per_image"] * 2
 
 
+def done_shard(store: Store, entry: dict[str, Any], scale_root: Path, rows: tuple[int, int], offset: int,
+               sid: int) -> dict[str, Any] | None:
+    """The checkpoint of shard ``sid`` (store rows ``rows``) if it is already built for this plan, else None."""
+    return read_done_shard(scale_root / shard_dir(sid), _shard_expect(entry, store.fingerprint, rows, offset + rows[0]))
+
+
+def shard_entry(sid: int, done: dict[str, Any]) -> dict[str, Any]:
+    """The manifest entry of shard ``sid`` from its checkpoint."""
+    return {"id": sid, "dir": shard_dir(sid), "first_image": done["first_image"],
+            "images": done["images"], "ntotal": done["ntotal"], "files": done["files"]}
+
+
+def build_range(store: Store, entry: dict[str, Any], layouts: Sequence[ClassLayout], scale_root: Path,
+                template_dir: Path, rows: tuple[int, int], offset: int, sid: int, batch: int, use_gpu: bool,
+                progress: bool, templates: dict[int, bytes] | None = None) -> tuple[dict[str, Any], bool]:
+    """Add store rows ``rows`` (global ids from ``offset + rows[0]``) to shard ``sid`` of one scale, or
+    reuse it when checkpointed: (its manifest entry, whether it was built now). Local and Ray builds
+    both run this; ``templates`` are the class templates as bytes (else read from ``template_dir``)."""
+    scale = Scale(entry["patch"], entry["factor"])
+    done = done_shard(store, entry, scale_root, rows, offset, sid)
+    if done is not None:
+        log.info("scale %s: shard %d already built, reused", scale, sid)
+        return shard_entry(sid, done), False
+    secs, peak = _estimate_add(entry, rows[1] - rows[0])
+    with phase(f"scale {scale}: shard {sid}, images [{offset + rows[0]}, {offset + rows[1]})",
+               est_seconds=secs, est_bytes=peak):
+        done = build_shard(store, rows, offset + rows[0], scale, layouts, specs_of(entry), template_dir,
+                           scale_root / shard_dir(sid), batch, use_gpu,
+                           _shard_expect(entry, store.fingerprint, rows, offset + rows[0]), progress, templates)
+    return shard_entry(sid, done), True
+
+
+def count_built(counter: list[int]) -> None:
+    """Count one newly built shard; the test hook KILL_AFTER_ENV SIGKILLs this process at its count."""
+    counter[0] += 1
+    if os.environ.get(KILL_AFTER_ENV) and counter[0] >= int(os.environ[KILL_AFTER_ENV]):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _build_shards(store: Store, entry: dict[str, Any], layouts: Sequence[ClassLayout], scale_root: Path,
                   template_dir: Path, rows_list: Sequence[tuple[int, int]], offset: int, first_shard: int, batch: int,
                   use_gpu: bool, progress: bool, counter: list[int]) -> list[dict[str, Any]]:
     """Build (or reuse, when checkpointed) the shards of store rows ``rows_list``; their manifest entries."""
-    scale = Scale(entry["patch"], entry["factor"])
     out = []
     for k, rows in enumerate(rows_list):
-        sid = first_shard + k
-        folder = scale_root / shard_dir(sid)
-        expect = _shard_expect(entry, store.fingerprint, rows, offset + rows[0])
-        done = read_done_shard(folder, expect)
-        if done is None:
-            secs, peak = _estimate_add(entry, rows[1] - rows[0])
-            with phase(f"scale {scale}: shard {sid}, images [{offset + rows[0]}, {offset + rows[1]})",
-                       est_seconds=secs, est_bytes=peak):
-                done = build_shard(store, rows, offset + rows[0], scale, layouts, specs_of(entry), template_dir,
-                                   folder, batch, use_gpu, expect, progress)
-            counter[0] += 1
-            if os.environ.get(KILL_AFTER_ENV) and counter[0] >= int(os.environ[KILL_AFTER_ENV]):
-                import signal
-                os.kill(os.getpid(), signal.SIGKILL)
-        else:
-            log.info("scale %s: shard %d already built, reused", scale, sid)
-        out.append({"id": sid, "dir": shard_dir(sid), "first_image": done["first_image"],
-                    "images": done["images"], "ntotal": done["ntotal"], "files": done["files"]})
+        shard, built = build_range(store, entry, layouts, scale_root, template_dir, rows, offset, first_shard + k,
+                                   batch, use_gpu, progress)
+        if built:
+            count_built(counter)
+        out.append(shard)
     return out
+
+
+def _shard_runner(engine: str, address: str | None, workers: int | None):
+    """The function that builds a scale's shards: ``_build_shards`` here, or its Ray counterpart."""
+    if engine == "local":
+        return _build_shards
+    if engine == "ray":
+        from ..distributed.build import ray_shard_runner
+
+        return ray_shard_runner(address, workers)
+    raise InputError(None, f"engine must be 'local' or 'ray', got {engine!r}")
 
 
 def build_index(store: Store | str | Path, index_path: str | Path, scales: Sequence[ScaleLike],
                 factory: str = "auto", memory_budget: str | int = "8G", candidate_stride: int = 1,
                 gpu: str = "auto", overwrite: bool = False, seed: int = 0, progress: bool = True,
-                classes: str = "all") -> PatchIndex:
+                classes: str = "all", engine: str = "local", address: str | None = None,
+                workers: int | None = None) -> PatchIndex:
     """Build a patch index of ``store`` at every scale and publish it at ``index_path``.
 
     A bare name lands under ``indexes/`` (or $NDA_ANN_INDEXES). Each scale stores the unscaled patch
     vectors y (projected for f > 1) in one FAISS sub-index per layout class, sharded by image range
     when the scale would exceed a third of ``memory_budget``. Rerunning an interrupted build resumes.
+    ``engine="ray"`` (extra ``nda-ann[ray]``) adds the shards' image ranges in parallel Ray tasks, at most
+    ``workers`` at once, on the cluster at ``address`` (None: the running one or a new local one);
+    training, the plan, the checkpoints and the publish stay on this process, and the shards are the same.
     """
     t0 = time.time()
     final = resolve_index_path(index_path)
@@ -125,6 +166,7 @@ def build_index(store: Store | str | Path, index_path: str | Path, scales: Seque
         raise InputError(None, f"classes must be one of {', '.join(INDEX_CLASSES)}, got {classes!r}")
     budget = parse_memory(memory_budget)
     use_gpu = resolve_gpu(gpu)
+    run_shards = _shard_runner(engine, address, workers)
     entries = [plan_scale(s, len(store), store.resolution, store.channels, int(candidate_stride), factory, budget,
                           classes) for s in scale_list]
     batch = batch_images(budget, store.resolution, store.channels, scale_list)
@@ -145,9 +187,11 @@ def build_index(store: Store | str | Path, index_path: str | Path, scales: Seque
             entry["templates"] = train_templates(store, scale, layouts, specs_of(entry), root / TRAINED_DIR,
                                                  seed, batch, budget, use_gpu, progress)
             ranges = shard_ranges(len(store), entry["images_per_shard"])
-            entry["shards"] = _build_shards(store, entry, layouts, root, root / TRAINED_DIR, ranges,
-                                            0, 0, batch, use_gpu, progress, counter)
+            entry["shards"] = run_shards(store, entry, layouts, root, root / TRAINED_DIR, ranges,
+                                         0, 0, batch, use_gpu, progress, counter)
         manifest = _manifest(plan, entries, final, store, gpu, use_gpu, time.time() - t0)
+        if engine != "local":
+            manifest["history"][-1]["engine"] = engine
         manifest["thumbnails"] = build_thumbs(staging, [store])
         write_json_atomic(staging / MANIFEST_FILE, manifest)
         try:

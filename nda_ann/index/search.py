@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -65,7 +65,8 @@ class PatchIndex:
     loaded would come from the new folder, so loading one then raises IndexError_ instead.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool = True, identity: FolderIdentity | None = None):
+    def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool = True, identity: FolderIdentity | None = None,
+                 shards: Mapping[str, Sequence[int]] | None = None):
         self.path = Path(path)
         self.manifest = manifest
         self._identity = identity or FolderIdentity(self.path)  # the folder the manifest was read from
@@ -74,14 +75,21 @@ class PatchIndex:
         self.resolution = int(manifest["resolution"])
         self.channels = int(manifest["channels"])
         self.count = int(manifest["count"])
-        self._entries = {s: e for s, e in zip(self.scales, manifest["scales"])}
+        if shards is not None and set(shards) - {e["scale"] for e in manifest["scales"]}:
+            raise InputError(None, f"no scale(s) {sorted(set(shards) - {e['scale'] for e in manifest['scales']})} in {self.path}")
+        self._entries = {s: _only_shards(e, shards) for s, e in zip(self.scales, manifest["scales"])}
         self._layouts = {s: layouts_of(manifest, e) for s, e in zip(self.scales, manifest["scales"])}
         self._loaded: dict[tuple[Scale, int, int], faiss.Index] = {}
         self._norms: dict[tuple, torch.Tensor] = {}  # squared norms of Flat classes' vectors
 
     @classmethod
-    def open(cls, path: str | Path, mmap: bool = True) -> "PatchIndex":
-        """Open and check an index folder (a bare name means indexes/<name>)."""
+    def open(cls, path: str | Path, mmap: bool = True, shards: Mapping[str, Sequence[int]] | None = None) -> "PatchIndex":
+        """Open and check an index folder (a bare name means indexes/<name>).
+
+        ``shards`` ({scale name: shard ids}, e.g. {"7": [0, 1]}) restricts searches to those shards
+        (a scale not named searches none): a Ray shard actor holds part of an index this way. Ids,
+        ``count`` and the manifest stay those of the whole index.
+        """
         path = resolve_index_path(path)
         for _ in range(3):  # replaced while being opened: open the new version
             wait_for_folder(path)
@@ -100,7 +108,7 @@ class PatchIndex:
                     continue
                 raise
             if identity is not None and not identity.replaced():
-                return cls(path, manifest, mmap, identity)
+                return cls(path, manifest, mmap, identity, shards)
         raise IndexError_(path, "the index kept being replaced while it was opened; try again")
 
     def __repr__(self) -> str:
@@ -290,6 +298,18 @@ def check_result_size(queries: int, positions: int, k: int, per_result: int = 20
         raise InputError(None, f"{queries} queries x {positions} positions x k = {k} neighbours would need "
                                f"{need / 2**30:.1f} GiB of search results (limit {MAX_RESULT_BYTES / 2**30:.0f} GiB); "
                                "lower k or search fewer queries at a time")
+
+
+def _only_shards(entry: dict[str, Any], shards: Mapping[str, Sequence[int]] | None) -> dict[str, Any]:
+    """The scale entry with only the shards named for its scale in ``shards`` (all of them when None)."""
+    if shards is None:
+        return entry
+    wanted = {int(i) for i in shards.get(entry["scale"], ())}
+    missing = wanted - {s["id"] for s in entry["shards"]}
+    if missing:
+        raise InputError(None, f"scale {entry['scale']} has no shard(s) {sorted(missing)} "
+                               f"(it has {[s['id'] for s in entry['shards']]})")
+    return dict(entry, shards=[s for s in entry["shards"] if s["id"] in wanted])
 
 
 def _manifest_changed(path: Path, seen: dict[str, Any] | None) -> bool:

@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -38,12 +38,20 @@ def read_done_shard(folder: Path, expect: dict[str, Any]) -> dict[str, Any] | No
     return done
 
 
+def template_bytes(template_dir: Path, classes: Sequence[ClassLayout], specs: Sequence[ClassSpec]) -> dict[int, bytes]:
+    """{class index: file bytes} of every trained class template in ``template_dir`` (for ``build_shard``)."""
+    return {c.index: (template_dir / class_file(c.index)).read_bytes() for c, spec in zip(classes, specs) if spec.train_size}
+
+
 def build_shard(store: Store, rows: tuple[int, int], first_image: int, scale: Scale,
                 classes: Sequence[ClassLayout], specs: Sequence[ClassSpec], template_dir: Path, folder: Path, batch_size: int,
-                use_gpu: bool, expect: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+                use_gpu: bool, expect: dict[str, Any], progress: bool = True,
+                templates: Mapping[int, bytes] | None = None) -> dict[str, Any]:
     """Add the patch vectors of store rows [lo, hi) (global ids from ``first_image``) to a copy of each
     class template, then publish ``folder`` atomically with its checkpoint; returns the checkpoint.
 
+    ``templates`` ({class index: serialized empty trained index}, as ``template_bytes`` reads them)
+    replaces reading ``template_dir``: a Ray worker gets them through the object store.
     Memory: the shard's sub-indexes plus one batch of patches, (batch, grid^2, D) float32.
     """
     lo, hi = rows
@@ -54,6 +62,8 @@ def build_shard(store: Store, rows: tuple[int, int], first_image: int, scale: Sc
     for c, spec in zip(classes, specs):
         if spec.train_size == 0:
             index = make_index(spec.factory, scale.dim(store.channels))
+        elif templates is not None:
+            index = faiss.deserialize_index(np.frombuffer(templates[c.index], dtype=np.uint8))
         else:
             index = faiss.read_index(str(template_dir / class_file(c.index)))
         if index.ntotal:
