@@ -34,3 +34,26 @@ def update_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def simd() -> str:
+    """The SIMD paths in use: torch's CPU kernels, the CPU's AVX-512 / BF16 / VNNI / AMX flags, FAISS's build."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "avx512_fp16"]
+    have = [f for f in wanted if f in flags]
+    try:
+        import faiss
+
+        opts = faiss.get_compile_options()
+        level = next((x for x in ("AVX512_SPR", "AVX512", "AVX2", "SVE", "NEON") if x in opts), "generic")
+        fa = f"FAISS {faiss.__version__} {level}"
+    except Exception:  # FAISS absent or without compile options
+        fa = "FAISS unknown"
+    return f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()}, BLAS MKL; CPU flags {' '.join(have) or 'none of ' + ' '.join(wanted)}; {fa}"

@@ -65,9 +65,9 @@ class OracleAttributor(Attributor):
             return super()._candidates(q, mass, m, *args, **kwargs)
         return np.sort(np.argsort(-self.exact[q], kind="stable")[:m])
 
-    def _rescore(self, q, cand, patches, weights, settings, s, sigma2, retrieved_out, sampled):
+    def _rescore(self, q, cand, patches, weights, settings, s, sigma2, retrieved_out, sampled, hint=None):
         if self.log_z is None:
-            return super()._rescore(q, cand, patches, weights, settings, s, sigma2, retrieved_out, sampled)
+            return super()._rescore(q, cand, patches, weights, settings, s, sigma2, retrieved_out, sampled, hint)
         sc = self.scales[0]
         full, agg = log_masses(patches[(0, sc)].double(), extract_patches(self.corpus.take(cand).double() * s, sc), self.groups[sc], 1 / (2 * sigma2), settings.topk)
         log_z = self.log_z[q]

@@ -21,6 +21,7 @@ import logging
 from typing import Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..corpus.inputs import CorpusView, check_compatible
@@ -214,7 +215,8 @@ class Attributor:
         sampled = {} if hits is None else sample_outside(
             self.corpus, cand, known, patches, self.groups, self.scales, s, sigma2, settings.outside_sample,
             (settings.seed, noised.t), mass, GUIDE_SHARE, self.budget)
-        res = self._rescore(q, cand, patches, weights, settings, s, sigma2, retrieved_outside(known), sampled)
+        hint = None if hits is None else self._shift_hint(hits, known, s, sigma2)
+        res = self._rescore(q, cand, patches, weights, settings, s, sigma2, retrieved_outside(known), sampled, hint)
         ids, vals = res.ids, res.scores
         contrib = Contributions(cand, res.per_pos, {}) if settings.maps > 0 else None
         if settings.tail and known:
@@ -226,10 +228,21 @@ class Attributor:
         return ids, vals, contrib
 
     def _rescore(self, q: int, cand: np.ndarray, patches: dict, weights: list[float], settings: AttributionSettings,
-                 s: float, sigma2: float, retrieved_out: dict, sampled: dict):
+                 s: float, sigma2: float, retrieved_out: dict, sampled: dict, hint: dict | None = None):
         """Stage 2 for query ``q`` (rescore.py); a method so that benchmarks can substitute oracles."""
         return rescore(self.corpus, cand, patches, self.groups, self.scales, weights, settings.noise_draws, s, sigma2,
-                       retrieved_out, sampled, settings.topk, self.budget)
+                       retrieved_out, sampled, settings.topk, self.budget, hint)
+
+    def _shift_hint(self, hits: Hits, known: dict, s: float, sigma2: float) -> dict:
+        """Per (draw, scale), (L,): a lower bound of each query position's largest logit: the nearest
+        retrieved patch's where distances are exact, else the largest re-measured known logit."""
+        out = {}
+        for key, (dist, _, _) in hits.items():
+            if self._distances_exact(key[1]):
+                out[key] = torch.from_numpy(-dist[:, 0].astype(np.float64) * (s * s) / (2 * sigma2))
+            else:
+                out[key] = torch.from_numpy(known[key][0].max(-1))
+        return out
 
     def _candidates(self, q: int, mass: np.ndarray, m: int, noised: NoisedBlock, b: int, patches: dict, weights: list[float],
                     settings: AttributionSettings) -> np.ndarray:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .dense import chunk_size, log_masses
+from .dense import chunk_size
+from .masses import MassScan, max_logits
 from ..device import describe_device, resolve_device, resolve_dtype
 from ..corpus.inputs import CorpusView, as_float_images, check_compatible
 from .patches import extract_patches, layout_groups
@@ -27,6 +28,9 @@ from ..corpus.store import Store
 from ..units import parse_bytes
 
 log = logging.getLogger("nda_ann.scoring.exact")
+
+# images whose largest logits seed the shift of the masses (a lower bound of each position's maximum)
+SHIFT_SAMPLE = 16
 
 
 def scale_weights(scales: list[Scale], alpha: float | None) -> list[float]:
@@ -158,28 +162,8 @@ def exact_attribution(
                 qp = extract_patches(noisy, sc)
                 step = chunk_size(nq, groups[sc], dtype, budget)
                 one_pass = nq * npos[sc] * n * 8 <= budget
-                chunks = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
-                def masses(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-                    cp = extract_patches(view.rows(lo, hi).to(dev, dtype) * s, sc)
-                    return log_masses(qp, cp, groups[sc], inv, topk)
-
-                if one_pass:
-                    parts = []
-                    for lo, hi in chunks:
-                        full, agg = masses(lo, hi)
-                        parts.append((torch.logsumexp(full, dim=-1), agg))
-                        bar.update(hi - lo)
-                    log_z = torch.logsumexp(torch.stack([p[0] for p in parts]), dim=0)  # (Q, L)
-                    per_image = torch.cat([torch.exp(agg - log_z[..., None]).sum(1) for _, agg in parts], dim=-1)
-                else:
-                    log_z = torch.full((nq, npos[sc]), -math.inf, dtype=dtype, device=dev)
-                    for lo, hi in chunks:
-                        log_z = torch.logaddexp(log_z, torch.logsumexp(masses(lo, hi)[0], dim=-1))
-                    per_image = torch.empty((nq, n), dtype=dtype, device=dev)
-                    for lo, hi in chunks:
-                        per_image[:, lo:hi] = torch.exp(masses(lo, hi)[1] - log_z[..., None]).sum(1)
-                        bar.update(hi - lo)
+                per_image, log_z = scan_corpus(view, qp, sc, groups[sc], s, inv, topk, step, one_pass, bar)
                 log_norms[(ti, d, sc)] = log_z
                 scores[ti] += (w / noise_draws) * per_image.double().cpu().numpy()
     bar.close()
@@ -188,6 +172,46 @@ def exact_attribution(
     if maps_for:
         _keep_maps(result, view, q_images, sched, groups, log_norms, seed, noise_draws, topk, dev, dtype, int(maps_for))
     return result
+
+
+def scan_corpus(view: CorpusView, qp: torch.Tensor, sc: Scale, groups: list, s: float, inv: float, topk: int | None,
+                step: int, one_pass: bool, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query patch qp (Q, L, D) against every same-layout patch of the corpus, in chunks of
+    ``step`` images: (per_image (Q, N) sum over positions of each image's softmax mass, log_z (Q, L)
+    log normalisers). ``one_pass`` keeps the (Q, L, N) masses between the passes (they fit the
+    budget); otherwise a second pass recomputes them under the final normaliser."""
+    n = view.count
+    chunks = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+    def patches(lo: int, hi: int) -> torch.Tensor:
+        return extract_patches(view.rows(lo, hi).to(qp.device, qp.dtype) * s, sc)
+
+    first = patches(0, min(SHIFT_SAMPLE, n))
+    scan = MassScan(qp, groups, inv, max_logits(qp, first, groups, inv), topk)
+    z = torch.zeros(qp.shape[:2], dtype=torch.float64, device=qp.device)
+    kept: list[torch.Tensor] = []
+    for lo, hi in chunks:
+        full, agg, rescale = scan.add(patches(lo, hi))
+        if rescale is not None:
+            z *= rescale.double()
+            kept = [a * rescale[..., None] for a in kept]
+        z += full.sum(-1, dtype=torch.float64)
+        if one_pass:
+            kept.append(agg)
+            if bar is not None:
+                bar.update(hi - lo)
+    log_z = z.log() + scan.shift.double()  # (Q, L)
+    norm = torch.exp(scan.shift.double() - log_z).to(qp.dtype)[..., None]  # (Q, L, 1)
+    if one_pass:
+        per_image = torch.cat([(a * norm).sum(1) for a in kept], dim=-1)
+    else:
+        final = MassScan(qp, groups, inv, log_z.to(qp.dtype), topk)  # shift = log Z: masses come out normalised
+        per_image = torch.empty((qp.shape[0], n), dtype=qp.dtype, device=qp.device)
+        for lo, hi in chunks:
+            per_image[:, lo:hi] = final.add(patches(lo, hi))[1].sum(1)
+            if bar is not None:
+                bar.update(hi - lo)
+    return per_image, log_z.to(qp.dtype)
 
 
 def _keep_maps(result: ExactResult, view: CorpusView, q_images: torch.Tensor, sched: NoiseSchedule, groups: dict, log_norms: dict, seed: int, noise_draws: int, topk: int | None, dev: torch.device, dtype: torch.dtype, k: int) -> None:
@@ -205,8 +229,9 @@ def _keep_maps(result: ExactResult, view: CorpusView, q_images: torch.Tensor, sc
         for d in range(noise_draws):
             noisy = noise_images(q_images.to(torch.float32), t, sched, seed, d).to(dev, dtype)
             for sc, w in zip(result.scales, result.weights):
-                _, agg = log_masses(extract_patches(noisy, sc), extract_patches(images, sc), groups[sc], 1.0 / (2 * sigma2), topk)
-                a = torch.exp(agg - log_norms[(ti, d, sc)][..., None])  # (Q, L, len(ids))
+                # shift = log Z: the masses come out as softmax weights
+                scan = MassScan(extract_patches(noisy, sc), groups[sc], 1.0 / (2 * sigma2), log_norms[(ti, d, sc)], topk)
+                a = scan.add(extract_patches(images, sc))[1]  # (Q, L, len(ids))
                 g = sc.grid(size)
                 grid = a.permute(0, 2, 1).reshape(a.shape[0], len(ids), g, g)
                 maps += (w / noise_draws) * positions_to_pixels(grid, sc, size).double().cpu()

@@ -1,0 +1,85 @@
+"""The shifted-mass kernel (scoring/masses.py) against the independent naive reference and against
+the log-domain kernel it replaced (scoring/dense.py), including the shift-raising and topk rules."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from naive import naive_scale_scores
+from nda_ann.scoring.dense import log_masses
+from nda_ann.scoring.exact import exact_scores
+from nda_ann.scoring.masses import TOPK_TAU, MassScan, _topk_sums, max_logits
+from nda_ann.scoring.patches import extract_patches, layout_groups
+from nda_ann.scoring.scales import Scale
+from test_exact import smooth_images
+
+
+def naive(corpus, queries, t, scales, weights, topk):
+    out = np.zeros((len(queries), len(corpus)))
+    for qi, q in enumerate(queries):
+        for (p, f), w in zip(scales, weights):
+            out[qi] += w * naive_scale_scores(corpus, q, t, p, f, topk)[0]
+    return out
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize("scales,topk", [([(3, 1)], None), ([(3, 1)], 2), ([(4, 2)], None), ([(4, 2)], 3),
+                                         ([(4, 1), (2, 2)], None), ([(5, 1), (4, 2)], 4)])
+def test_every_precision_agrees_with_the_float64_reference_within_1e_4_of_the_largest_score(rng, precision, scales, topk):
+    corpus = smooth_images(rng, 5, size=7)
+    queries = np.concatenate([smooth_images(rng, 1, size=7), corpus[1:2] * 0.95])
+    weights = [1.0] if len(scales) == 1 else [0.5, 0.5]
+    got = exact_scores(torch.tensor(corpus), torch.tensor(queries), timesteps=[50, 300], scales=scales, topk=topk, precision=precision)
+    tol = 1e-4 if precision == "float32" else 1e-6  # the noise is drawn in float32 (SPEC 1) in both
+    for ti, t in enumerate([50, 300]):
+        want = naive(corpus, queries, t, scales, weights, topk)
+        assert np.abs(got[ti] - want).max() <= tol * np.abs(want).max()
+
+
+def _setup(rng, n=12, size=10, scale=Scale(5), sigma2=0.1, dtype=torch.float64):
+    images = torch.from_numpy(smooth_images(rng, n, c=3, size=size)).to(dtype)
+    query = images[3:4] * 0.97 + 0.05
+    groups = layout_groups(size, scale)
+    qp = extract_patches(query + math.sqrt(sigma2) * torch.randn_like(query), scale)
+    cp = extract_patches(images * 0.95, scale)
+    return qp, cp, groups, 1.0 / (2 * sigma2)
+
+
+def test_masses_equal_the_log_domain_kernel_whatever_the_shift(rng):
+    """exp(log_masses - shift) whether the shift is the true maximum or far below it (rows raised)."""
+    qp, cp, groups, inv = _setup(rng)
+    full_ref, agg_ref = log_masses(qp, cp, groups, inv, 4)
+    best = max_logits(qp, cp, groups, inv)
+    for start in (best, best - 200.0):
+        scan = MassScan(qp, groups, inv, start.clone(), 4)
+        fulls, aggs = [], []
+        for lo in range(0, cp.shape[0], 5):  # three chunks, so that a later chunk can raise the shift
+            full, agg, rescale = scan.add(cp[lo : lo + 5])
+            if rescale is not None:
+                fulls = [f * rescale[..., None] for f in fulls]
+                aggs = [a * rescale[..., None] for a in aggs]
+            fulls.append(full)
+            aggs.append(agg)
+        shift = scan.shift[..., None]
+        full, agg = torch.cat(fulls, -1), torch.cat(aggs, -1)
+        z = full.sum(-1, keepdim=True)  # each position's normaliser, in the shifted units
+        torch.testing.assert_close(full.log() + shift, full_ref, rtol=0, atol=1e-9)
+        # topk sums: exact to a tiny share of the normaliser (rows whose terms all lie below TOPK_TAU keep their full sum)
+        assert torch.all((agg - torch.exp(agg_ref - shift)).abs() <= 1e-12 * z)
+        assert torch.all(scan.shift >= best - 60.0)  # raised where it started far below the maximum
+
+
+def test_topk_sums_select_exactly_where_more_than_topk_terms_matter(rng):
+    w = torch.from_numpy(rng.uniform(size=(6, 5, 40)))
+    w[0, 0] = 1.0  # 40 equal terms: more than topk matter
+    w[1, 1] = 0.0
+    w[1, 1, :3] = 0.5  # only 3 matter: the full sum is the topk sum
+    w[2] *= TOPK_TAU / 100  # below the rule's threshold: the full sum stands
+    full = w.sum(-1)
+    got = _topk_sums(w.clone(), full, 8)
+    want = w.topk(8, dim=-1).values.sum(-1)
+    assert torch.allclose(got, want, rtol=0, atol=40 * TOPK_TAU)
+    assert got[0, 0] == 8.0 and got[1, 1] == 1.5
