@@ -26,8 +26,8 @@ from ..index.phases import log
 from .cluster import cluster_cpus, connect, gather
 
 MAX_RETRIES = 3
-KILL_ONCE_ENV = "NDA_ANN_TEST_RAY_KILL_ONCE"  # test hook: a path; the first task to see it absent creates
-                                             # it and SIGKILLs its worker after its first batch
+KILL_ONCE_ENV = "NDA_ANN_TEST_RAY_KILL_ONCE"  # test hook: a path; the first task to see it absent writes
+                                             # its pid there and SIGKILLs its worker after its first batch
 
 
 def _dying_after_first(batches: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,8 +49,8 @@ def range_task(store_path: str, entry: dict[str, Any], layouts: Sequence[ClassLa
     store = Store.open(store_path)
     if kill_marker:
         try:
-            with open(kill_marker, "x"):
-                pass
+            with open(kill_marker, "x") as fh:
+                fh.write(str(os.getpid()))
             store.batches = _dying_after_first(store.batches)  # type: ignore[method-assign]
         except FileExistsError:
             pass
