@@ -64,14 +64,14 @@ def old_path(qp, images, sc, groups, s, inv, topk, step):
     return torch.exp(torch.cat(aggs, -1) - log_z[:, None]).sum(0)
 
 
-def new_path(qp, images, sc, groups, s, inv, topk, step):
-    """scoring/masses.py: shifted masses per chunk."""
+def new_path(qp, images, sc, groups, s, inv, topk, step, screened=False):
+    """scoring/masses.py: shifted masses per chunk (dense, or through the bfloat16 screen)."""
     scan, z, aggs = None, 0.0, []
     for lo in range(0, len(images), step):
-        cp = extract_patches(images[lo : lo + step] * s, sc)
+        imgs = images[lo : lo + step] * s
         if scan is None:
-            scan = MassScan(qp, groups, inv, max_logits(qp, cp[:16], groups, inv), topk)
-        full, agg, rescale = scan.add(cp)
+            scan = MassScan(qp, groups, inv, max_logits(qp, extract_patches(imgs[:16], sc), groups, inv), topk, sc, screened)
+        full, agg, rescale = scan.add(imgs)
         if rescale is not None:
             z = z * rescale[0]
             aggs = [a * rescale[0][:, None] for a in aggs]
@@ -109,7 +109,8 @@ def main() -> None:
         step = chunk_size(1, groups, torch.float32, parse_bytes(args.budget))
         flops = useful_flops(groups, sc.dim(3))
         for topk in (100, None):
-            paths = {"log_masses (previous)": old_path, "shifted (scoring/masses.py)": new_path}
+            paths = {"log_masses (previous)": old_path, "shifted, dense (scoring/masses.py)": new_path,
+                     "shifted, bfloat16 screen": lambda *a: new_path(*a, screened=True)}
             best = {name: float("inf") for name in paths}
             outs = {}
             for _ in range(args.repeats):

@@ -14,6 +14,7 @@ import torch
 
 from ..scoring.dense import chunk_size
 from ..scoring.masses import MassScan, max_logits
+from ..scoring.operands import kernel_path
 from ..scoring.patches import LayoutGroup, extract_patches
 from ..scoring.scales import Scale
 
@@ -80,16 +81,17 @@ def _scan(corpus, cand: np.ndarray, qp: torch.Tensor, sc: Scale, groups: list[La
     """One query's shifted masses over the candidates, chunk by chunk: (z_in (L,) the candidates'
     shifted normaliser, aggs (L, M) shifted per-image masses, shift (L,))."""
     scan, z_in, aggs = None, None, []
+    screened = kernel_path(qp.device, qp.dtype) == "screened"
     for lo in range(0, len(cand), step):
-        cp = extract_patches(corpus.take(cand[lo : lo + step]).to(qp.device, qp.dtype) * s, sc)
+        imgs = corpus.take(cand[lo : lo + step]).to(qp.device, qp.dtype) * s
         if scan is None:
             shift = None if hint is None else hint.to(qp.device, qp.dtype)
             if shift is None or not torch.isfinite(shift).all():  # a lower bound from a few images
-                first = max_logits(qp, cp[:SHIFT_SAMPLE], groups, inv)[0]
+                first = max_logits(qp, extract_patches(imgs[:SHIFT_SAMPLE], sc), groups, inv)[0]
                 shift = first if shift is None else torch.maximum(first, shift)
-            scan = MassScan(qp, groups, inv, shift[None], topk)
-        full, agg, rescale = scan.add(cp)
-        if rescale is not None:
+            scan = MassScan(qp, groups, inv, shift[None], topk, sc, screened)
+        full, agg, rescale = scan.add(imgs)
+        if rescale is not None and z_in is not None:
             z_in = z_in * rescale[0].double()
             aggs = [a * rescale[0][:, None] for a in aggs]
         part = full[0].sum(-1, dtype=torch.float64)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .dense import chunk_size
 from .masses import MassScan, max_logits
+from .operands import kernel_path
 from ..device import describe_device, resolve_device, resolve_dtype
 from ..corpus.inputs import CorpusView, as_float_images, check_compatible
 from .patches import extract_patches, layout_groups
@@ -161,7 +162,7 @@ def exact_attribution(
             for sc, w in zip(scale_list, weights):
                 qp = extract_patches(noisy, sc)
                 step = chunk_size(nq, groups[sc], dtype, budget)
-                one_pass = nq * npos[sc] * n * 8 <= budget
+                one_pass = nq * npos[sc] * n * torch.finfo(dtype).bits // 8 <= budget
 
                 per_image, log_z = scan_corpus(view, qp, sc, groups[sc], s, inv, topk, step, one_pass, bar)
                 log_norms[(ti, d, sc)] = log_z
@@ -183,15 +184,16 @@ def scan_corpus(view: CorpusView, qp: torch.Tensor, sc: Scale, groups: list, s: 
     n = view.count
     chunks = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
-    def patches(lo: int, hi: int) -> torch.Tensor:
-        return extract_patches(view.rows(lo, hi).to(qp.device, qp.dtype) * s, sc)
+    def images(lo: int, hi: int) -> torch.Tensor:
+        return view.rows(lo, hi).to(qp.device, qp.dtype) * s
 
-    first = patches(0, min(SHIFT_SAMPLE, n))
-    scan = MassScan(qp, groups, inv, max_logits(qp, first, groups, inv), topk)
+    screened = kernel_path(qp.device, qp.dtype) == "screened"
+    first = extract_patches(images(0, min(SHIFT_SAMPLE, n)), sc)
+    scan = MassScan(qp, groups, inv, max_logits(qp, first, groups, inv), topk, sc, screened)
     z = torch.zeros(qp.shape[:2], dtype=torch.float64, device=qp.device)
     kept: list[torch.Tensor] = []
     for lo, hi in chunks:
-        full, agg, rescale = scan.add(patches(lo, hi))
+        full, agg, rescale = scan.add(images(lo, hi))
         if rescale is not None:
             z *= rescale.double()
             kept = [a * rescale[..., None] for a in kept]
@@ -205,10 +207,10 @@ def scan_corpus(view: CorpusView, qp: torch.Tensor, sc: Scale, groups: list, s: 
     if one_pass:
         per_image = torch.cat([(a * norm).sum(1) for a in kept], dim=-1)
     else:
-        final = MassScan(qp, groups, inv, log_z.to(qp.dtype), topk)  # shift = log Z: masses come out normalised
+        final = MassScan(qp, groups, inv, log_z.to(qp.dtype), topk, sc, screened)  # shift = log Z: masses come out normalised
         per_image = torch.empty((qp.shape[0], n), dtype=qp.dtype, device=qp.device)
         for lo, hi in chunks:
-            per_image[:, lo:hi] = final.add(patches(lo, hi))[1].sum(1)
+            per_image[:, lo:hi] = final.add(images(lo, hi))[1].sum(1)
             if bar is not None:
                 bar.update(hi - lo)
     return per_image, log_z.to(qp.dtype)
@@ -230,8 +232,9 @@ def _keep_maps(result: ExactResult, view: CorpusView, q_images: torch.Tensor, sc
             noisy = noise_images(q_images.to(torch.float32), t, sched, seed, d).to(dev, dtype)
             for sc, w in zip(result.scales, result.weights):
                 # shift = log Z: the masses come out as softmax weights
-                scan = MassScan(extract_patches(noisy, sc), groups[sc], 1.0 / (2 * sigma2), log_norms[(ti, d, sc)], topk)
-                a = scan.add(extract_patches(images, sc))[1]  # (Q, L, len(ids))
+                scan = MassScan(extract_patches(noisy, sc), groups[sc], 1.0 / (2 * sigma2), log_norms[(ti, d, sc)], topk, sc,
+                                kernel_path(dev, dtype) == "screened")
+                a = scan.add(images)[1]  # (Q, L, len(ids))
                 g = sc.grid(size)
                 grid = a.permute(0, 2, 1).reshape(a.shape[0], len(ids), g, g)
                 maps += (w / noise_draws) * positions_to_pixels(grid, sc, size).double().cpu()
