@@ -55,7 +55,7 @@ def test_masses_equal_the_log_domain_kernel_whatever_the_shift(rng, screened, dt
     qp, images, groups, inv = _setup(rng, scale=scale, dtype=dtype)
     cp = extract_patches(images, scale)
     full_ref, agg_ref = log_masses(qp.double(), cp.double(), groups, inv, 4)
-    best = max_logits(qp, cp, groups, inv)
+    best = max_logits(qp, images, scale, groups, inv)
     for start in (best, best - 200.0):
         scan = MassScan(qp, groups, inv, start.clone(), 4, scale, screened)
         fulls, aggs = [], []

@@ -3,7 +3,7 @@
 
     python tools/bench_rescore.py --images 600 --repeats 3
 
-Measures, side by side in one process on real 32x32 photo crops (p = 7 and 14:2, topk 100 and none):
+Measures, side by side in one process on real 32x32 photo crops (p = 7, and the two-scale 14 and 10:2; topk 100 and none):
 - ``log_masses``: the previous kernel (scoring/dense.py): GEMM, then max / subtract / clamp / exp /
   sum / log passes, numpy partition of every row for topk;
 - ``shifted``: scoring/masses.py, the GEMM that yields shifted logits, one clamp + exp + sum pass,
@@ -70,7 +70,7 @@ def new_path(qp, images, sc, groups, s, inv, topk, step, screened=False):
     for lo in range(0, len(images), step):
         imgs = images[lo : lo + step] * s
         if scan is None:
-            scan = MassScan(qp, groups, inv, max_logits(qp, extract_patches(imgs[:16], sc), groups, inv), topk, sc, screened)
+            scan = MassScan(qp, groups, inv, max_logits(qp, imgs[:16], sc, groups, inv), topk, sc, screened)
         full, agg, rescale = scan.add(imgs)
         if rescale is not None:
             z = z * rescale[0]
@@ -102,7 +102,7 @@ def main() -> None:
     noisy = noise_images(query, args.t, NoiseSchedule("linear"), 0, 0)
     peaks = {name: gemm_rate(dt) for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8))}
     rows = []
-    for scale in ("7", "14:2"):
+    for scale in ("7", "14", "10:2"):
         sc = Scale.parse(scale)
         groups = layout_groups(32, sc)
         qp = extract_patches(noisy, sc)

@@ -87,7 +87,7 @@ def _scan(corpus, cand: np.ndarray, qp: torch.Tensor, sc: Scale, groups: list[La
         if scan is None:
             shift = None if hint is None else hint.to(qp.device, qp.dtype)
             if shift is None or not torch.isfinite(shift).all():  # a lower bound from a few images
-                first = max_logits(qp, extract_patches(imgs[:SHIFT_SAMPLE], sc), groups, inv)[0]
+                first = max_logits(qp, imgs[:SHIFT_SAMPLE], sc, groups, inv)[0]
                 shift = first if shift is None else torch.maximum(first, shift)
             scan = MassScan(qp, groups, inv, shift[None], topk, sc, screened)
         full, agg, rescale = scan.add(imgs)

@@ -188,8 +188,7 @@ def scan_corpus(view: CorpusView, qp: torch.Tensor, sc: Scale, groups: list, s: 
         return view.rows(lo, hi).to(qp.device, qp.dtype) * s
 
     screened = kernel_path(qp.device, qp.dtype) == "screened"
-    first = extract_patches(images(0, min(SHIFT_SAMPLE, n)), sc)
-    scan = MassScan(qp, groups, inv, max_logits(qp, first, groups, inv), topk, sc, screened)
+    scan = MassScan(qp, groups, inv, max_logits(qp, images(0, min(SHIFT_SAMPLE, n)), sc, groups, inv), topk, sc, screened)
     z = torch.zeros(qp.shape[:2], dtype=torch.float64, device=qp.device)
     kept: list[torch.Tensor] = []
     for lo, hi in chunks:

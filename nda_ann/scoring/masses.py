@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .operands import CandidateOperand, QueryOperand, interior_index
+from .operands import CandidateOperand, QueryOperand, border_batches, interior_index
 from .patches import LayoutGroup
 from .scales import Scale
 
@@ -101,21 +101,35 @@ def _hit(full: torch.Tensor) -> torch.Tensor:
     return full.amax(-1) >= 0.5 * math.exp(CEIL)
 
 
-def _interior_dense(a: torch.Tensor, bt: torch.Tensor, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """a (R, K), bt (n, K, V) -> full, agg (R, n)."""
-    logits = torch.matmul(a, bt)  # (n, R, V)
-    n, r, v = logits.shape
-    full, agg = _exp_rows(logits.view(n * r, v), topk)
-    return full.view(n, r).T, agg.view(n, r).T
+def shifted_logits(a: torch.Tensor, b: torch.Tensor, norms: torch.Tensor | None, inv: float) -> torch.Tensor:
+    """a (..., R, D + 2) query rows, b (..., S, D') candidate rows -> (..., R, S) shifted logits: the
+    product itself when b is augmented (D' = D + 2), else a[:D] b^T + a's constant - inv ||c||^2."""
+    if norms is None:
+        return _mm_nt(a, b) if a.dim() == 2 else torch.bmm(a, b.transpose(-1, -2))
+    dim = b.shape[-1]
+    logits = _mm_nt(a[:, :dim].contiguous(), b) if a.dim() == 2 else torch.bmm(a[..., :dim], b.transpose(-1, -2))
+    logits += a[..., dim + 1 :]
+    return logits.sub_(inv * norms[..., None, :])
+
+
+def _interior_dense(a: torch.Tensor, cand: CandidateOperand, inv: float, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """a (R, D + 2) -> full, agg (R, n) over the candidates' interior class."""
+    n = cand.n
+    logits = shifted_logits(a, cand.interior, cand.interior_norms, inv)  # (R, n * V)
+    r = a.shape[0]
+    full, agg = _exp_rows(logits.view(r * n, -1), topk)
+    return full.view(r, n), agg.view(r, n)
 
 
 def _interior_screened(query: QueryOperand, a: torch.Tensor, cand: CandidateOperand, topk: int | None):
     """The interior class through the bfloat16 screen: full, agg (R, n), exact where kept, 0 elsewhere."""
-    rowmax = torch.matmul(query.screen, cand.screen).amax(-1).float()  # (n, R)
-    keep = rowmax > -(SCREEN_T + SCREEN_ERR) - query.screen_err * cand.c_max
+    n, r = cand.n, a.shape[0]
+    rowmax = torch.mm(query.screen, cand.screen.T).view(r, n, -1).amax(-1).float()  # (R, n)
+    keep = (rowmax > (-(SCREEN_T + SCREEN_ERR) - query.screen_err * cand.c_max)[:, None]).T  # (n, R)
     if keep.float().mean() > SCREEN_DENSE_SHARE:
-        return _interior_dense(a, cand.interior, topk)
-    full = torch.zeros(keep.shape, dtype=a.dtype, device=a.device)  # (n, R)
+        return _interior_dense(a, cand, query.inv, topk)
+    v = cand.interior.shape[0] // n
+    full = torch.zeros((n, r), dtype=a.dtype, device=a.device)
     agg = torch.zeros_like(full) if topk is not None else full
     pairs = keep.nonzero()  # (p, 2): (image, row), image-major
     counts = keep.sum(1).tolist()
@@ -125,7 +139,10 @@ def _interior_screened(query: QueryOperand, a: torch.Tensor, cand: CandidateOper
             continue
         rows = pairs[lo : lo + c, 1]
         lo += c
-        f, g = _exp_rows(a.index_select(0, rows) @ cand.interior[j], topk)
+        # MKL: on a few rows oneDNN's kernel was slower (2.1 s against 1.3 s in 1,000 images x 4 queries)
+        sub = a.index_select(0, rows)
+        norms = None if cand.interior_norms is None else cand.interior_norms[j * v : (j + 1) * v]
+        f, g = _exp_rows(shifted_logits(sub, cand.interior[j * v : (j + 1) * v], norms, query.inv), topk)
         full[j, rows] = f
         if agg is not full:
             agg[j, rows] = g
@@ -143,35 +160,48 @@ def shifted_masses(query: QueryOperand, cand: CandidateOperand, groups: list[Lay
     agg = torch.empty_like(full) if topk is not None else full
     hit = torch.zeros((nq, npos), dtype=torch.bool, device=full.device)
     gi = interior_index(groups)
-    for i, (group, a) in enumerate(zip(groups, query.mats)):
-        pos = group.positions.to(full.device)
-        u = len(pos)
-        if i == gi:
-            f, g = (_interior_screened(query, a, cand, topk) if query.screen is not None and cand.screen is not None
-                    else _interior_dense(a, cand.interior, topk))  # (Q * U, n)
-        else:
-            b = cand.border[i]
-            f, g = _exp_rows(_mm_nt(a, b).view(nq * u * n, -1), topk)
-            f, g = f.view(nq * u, n), g.view(nq * u, n)
-        full[:, pos] = f.reshape(nq, u, n)
-        if agg is not full:
-            agg[:, pos] = g.reshape(nq, u, n)
-        hit[:, pos] = _hit(f).view(nq, u)
+    if gi is not None:
+        pos = groups[gi].positions.to(full.device)
+        a = query.interior
+        f, g = (_interior_screened(query, a, cand, topk) if query.screen is not None and cand.screen is not None
+                else _interior_dense(a, cand, query.inv, topk))  # (Q * U, n)
+        _put(full, agg, hit, pos, f, g)
+    for batch, a, b, norms in zip(border_batches(groups), query.batched, cand.border, cand.border_norms):
+        k, u = len(batch), len(groups[batch[0]])
+        logits = shifted_logits(a, b, norms, query.inv)  # (k, Q * u, n * u)
+        f, g = _exp_rows(logits.view(-1, u), topk)
+        # (k, Q, u, n) -> (Q, k * u, n), positions in batch order
+        f, g = (x.view(k, nq, u, n).transpose(0, 1).reshape(nq * k * u, n) for x in (f, g))
+        pos = torch.cat([groups[i].positions for i in batch]).to(full.device)
+        _put(full, agg, hit, pos, f, g)
     return full, agg, hit
 
 
-def max_logits(queries: torch.Tensor, candidates: torch.Tensor, groups: list[LayoutGroup], inv: float) -> torch.Tensor:
-    """(Q, L): the largest logit of each query position over the candidates (n, L, D) of its layout class."""
+def _put(full: torch.Tensor, agg: torch.Tensor, hit: torch.Tensor, pos: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> None:
+    """Write one class's (or batch's) rows f, g (Q * |pos|, n) at positions ``pos`` of full, agg (Q, L, n)."""
+    nq, n = full.shape[0], full.shape[-1]
+    full[:, pos] = f.reshape(nq, len(pos), n)
+    if agg is not full:
+        agg[:, pos] = g.reshape(nq, len(pos), n)
+    hit[:, pos] = _hit(f).view(nq, len(pos))
+
+
+def max_logits(queries: torch.Tensor, images: torch.Tensor, scale: Scale, groups: list[LayoutGroup], inv: float) -> torch.Tensor:
+    """(Q, L): the largest logit of each query position (queries (Q, L, D)) over the same-layout
+    patches of ``images`` (n, C, H, W) of s * y_n."""
     nq, npos, _ = queries.shape
+    op = QueryOperand(queries, groups, inv, torch.zeros((nq, npos), dtype=queries.dtype, device=queries.device))
+    cand = CandidateOperand.build(images, scale, groups, inv, nq)
     out = torch.empty((nq, npos), dtype=queries.dtype, device=queries.device)
-    norms_c = candidates.square().sum(-1)
-    norms_q = queries.square().sum(-1)
-    for group in groups:
-        pos = group.positions.to(queries.device)
-        q = queries[:, pos].reshape(-1, queries.shape[-1])
-        c = candidates[:, pos].reshape(-1, candidates.shape[-1])
-        best = torch.addmm(norms_c[:, pos].reshape(1, -1), q, c.T, beta=-1.0, alpha=2.0).amax(-1)  # (Q * U,)
-        out[:, pos] = best.view(nq, len(pos)) * inv - norms_q[:, pos] * inv
+    gi = interior_index(groups)
+    if gi is not None:
+        best = shifted_logits(op.interior, cand.interior, cand.interior_norms, inv).amax(-1)  # (Q * U,)
+        out[:, groups[gi].positions.to(out.device)] = best.view(nq, -1)
+    for batch, a, b, norms in zip(border_batches(groups), op.batched, cand.border, cand.border_norms):
+        k, u = len(batch), len(groups[batch[0]])
+        best = shifted_logits(a, b, norms, inv).amax(-1).view(k, nq, u)  # (k, Q, u)
+        pos = torch.cat([groups[i].positions for i in batch]).to(out.device)
+        out[:, pos] = best.transpose(0, 1).reshape(nq, k * u)
     return out
 
 
@@ -188,7 +218,7 @@ class MassScan:
                  topk: int | None, scale: Scale, screened: bool = False):
         self.queries, self.groups, self.inv, self.topk, self.scale = queries, groups, inv, topk, scale
         self.screened = screened
-        self.operand = QueryOperand.build(queries, groups, inv, shift.to(queries.dtype).clone(), screened)
+        self.operand = QueryOperand(queries, groups, inv, shift.to(queries.dtype).clone(), screened)
 
     @property
     def shift(self) -> torch.Tensor:
@@ -197,36 +227,35 @@ class MassScan:
 
     def add(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """images (n, C, H, W) of s * y_n -> (full (Q, L, n), agg (Q, L, n), rescale (Q, L) or None)."""
-        cand = CandidateOperand.build(images, self.scale, self.groups, self.inv, self.screened)
+        cand = CandidateOperand.build(images, self.scale, self.groups, self.inv, self.queries.shape[0], self.screened)
         full, agg, hit = shifted_masses(self.operand, cand, self.groups, self.topk)
         if not hit.any():
             return full, agg, None
         old = self.shift.clone()
-        for gi, group in enumerate(self.groups):
-            self._raise_rows(gi, group, hit, cand, full, agg)
-        self.operand.refresh_screen(self.groups)
+        gi = interior_index(self.groups)
+        classes = ([] if gi is None else [(gi, None, None)]) + [
+            (i, bi, ci) for bi, batch in enumerate(border_batches(self.groups)) for ci, i in enumerate(batch)]
+        for i, bi, ci in classes:
+            b = cand.interior if bi is None else cand.border[bi][ci]
+            norms = cand.interior_norms if bi is None else (None if cand.border_norms[bi] is None else cand.border_norms[bi][ci])
+            self._raise_rows(self.groups[i].positions.to(hit.device), hit, b, norms, cand.n, full, agg)
+        self.operand.refresh()
         return full, agg, torch.exp(old - self.shift)
 
-    def _raise_rows(self, gi: int, group: LayoutGroup, hit: torch.Tensor, cand: CandidateOperand,
+    def _raise_rows(self, pos: torch.Tensor, hit: torch.Tensor, b: torch.Tensor, norms: torch.Tensor | None, n: int,
                     full: torch.Tensor, agg: torch.Tensor) -> None:
-        """Recompute, in place, the rows of class ``gi`` that ``hit`` marks, with their shift raised to
-        this chunk's largest logit (only those rows: a GEMM of their query rows against the chunk)."""
-        pos = group.positions.to(hit.device)
+        """Recompute, in place, the rows at class positions ``pos`` that ``hit`` marks, with their shift
+        raised to this chunk's largest logit (only those rows: a GEMM of their query rows against the chunk).
+        ``b``, ``norms``: the class's candidate operand (``CandidateOperand``)."""
         q_idx, u_idx = hit[:, pos].nonzero(as_tuple=True)
         if not len(q_idx):
             return
-        a = self.operand.mats[gi]
-        rows = q_idx * len(pos) + u_idx
-        sub = a.index_select(0, rows)
-        if cand.border[gi] is not None:
-            logits = _mm_nt(sub, cand.border[gi]).view(len(rows), cand.n, -1)  # (r, n, V), under the old shift
-        else:
-            logits = torch.matmul(sub, cand.interior).transpose(0, 1)  # (r, n, V)
+        at = pos[u_idx]
+        sub = self.operand.aug[q_idx, at]  # (r, D + 2)
+        logits = shifted_logits(sub, b, norms, self.inv).view(len(q_idx), n, -1)  # (r, n, V), under the old shift
         delta = logits.amax((1, 2))  # > CEIL: the new shift is old + delta
-        logits = (logits - delta[:, None, None]).reshape(len(rows) * cand.n, -1)
-        f, g = _exp_rows(logits, self.topk)
-        full[q_idx, pos[u_idx]] = f.view(len(rows), cand.n)
+        f, g = _exp_rows((logits - delta[:, None, None]).reshape(len(q_idx) * n, -1), self.topk)
+        full[q_idx, at] = f.view(len(q_idx), n)
         if agg is not full:
-            agg[q_idx, pos[u_idx]] = g.view(len(rows), cand.n)
-        a[rows, -1] -= delta  # the operand's constant column carries -shift
-        self.operand.shift[q_idx, pos[u_idx]] += delta
+            agg[q_idx, at] = g.view(len(q_idx), n)
+        self.operand.raise_shift(q_idx, at, delta)

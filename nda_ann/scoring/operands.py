@@ -3,8 +3,8 @@
 Query side, per layout class g: A_g (Q * U_g, D + 2) = [2 inv q, -inv, -inv ||q||^2 - shift].
 Candidate side: [c, ||c||^2, 1] for every patch of the candidate images. Their product is the shifted
 logit -||q - c||^2 / (2 sigma^2) - shift. The interior class (patches wholly inside the image, 66% of
-the positions and 98% of the products at p = 7 on 32 x 32) is cut by ``unfold`` into (n, D + 2, V)
-per image, the layout a batched GEMM takes as it is; the border classes are gathered per class.
+the positions and 98% of the products at p = 7 on 32 x 32) is cut by ``unfold``; the border classes
+are gathered and stacked in batches of equal size (one batched GEMM per batch).
 
 Path ``screened`` (CPUs with AVX512-BF16 or AMX, CUDA GPUs; float32): the interior product is first
 taken in bfloat16 (2.1x oneDNN's float32 rate on AVX512-BF16) only to find, per query position and
@@ -66,89 +66,119 @@ def interior_index(groups: list[LayoutGroup]) -> int | None:
     return next((i for i, g in enumerate(groups) if g.interior), None)
 
 
-@dataclass
+def border_batches(groups: list[LayoutGroup]) -> list[list[int]]:
+    """The border classes (indices into ``groups``) in batches of equal size, one batched GEMM each
+    (p = 7 on 32 x 32: 12 edge strips of 26 and 36 corners of 1; 14:2: 24 strips and 144 corners)."""
+    by_size: dict[int, list[int]] = {}
+    gi = interior_index(groups)
+    for i, g in enumerate(groups):
+        if i != gi:
+            by_size.setdefault(len(g), []).append(i)
+    return [by_size[size] for size in sorted(by_size)]
+
+
 class QueryOperand:
-    """Query side: per class (Q * U_g, D + 2); ``screen`` (Q * U, D + 4) bfloat16 interior rows and
+    """Query side, derived from ``aug`` (Q, L, D + 2) = [2 inv q, -inv, -inv ||q||^2 - shift]:
+    ``interior`` (Q * U, D + 2) rows of the interior class, ``batched[b]`` (k_b, Q * V_b, D + 2) per
+    batch of border classes; screened path: ``screen`` (Q * U, D + 4) bfloat16 interior rows and
     ``screen_err`` (Q * U,) 2^-8 |2 inv q_u| (times max |c| it bounds the rows' bfloat16 error)."""
 
-    mats: list[torch.Tensor]
-    shift: torch.Tensor  # (Q, L)
-    inv: float
-    screen: torch.Tensor | None = None
-    screen_err: torch.Tensor | None = None
+    def __init__(self, queries: torch.Tensor, groups: list[LayoutGroup], inv: float, shift: torch.Tensor,
+                 screened: bool = False):
+        """queries (Q, L, D) noised patch vectors; shift (Q, L) in their dtype and device (kept, not copied)."""
+        self.groups, self.inv, self.shift, self.screened = groups, inv, shift, screened
+        self.aug = torch.cat([queries * (2.0 * inv), torch.full_like(queries[..., :1], -inv),
+                              (-inv * queries.square().sum(-1) - shift)[..., None]], -1)
+        self.refresh()
 
-    @classmethod
-    def build(cls, queries: torch.Tensor, groups: list[LayoutGroup], inv: float, shift: torch.Tensor,
-              screened: bool = False) -> "QueryOperand":
-        """queries (Q, L, D) noised patch vectors; shift (Q, L) in their dtype and device."""
-        nq, _, dim = queries.shape
-        const = -inv * queries.square().sum(-1) - shift  # (Q, L)
-        mats = []
-        for group in groups:
-            pos = group.positions.to(queries.device)
-            a = torch.empty((nq, len(pos), dim + 2), dtype=queries.dtype, device=queries.device)
-            a[..., :dim] = queries[:, pos] * (2.0 * inv)
-            a[..., dim] = -inv
-            a[..., dim + 1] = const[:, pos]
-            mats.append(a.view(nq * len(pos), dim + 2))
-        out = cls(mats, shift, inv)
-        if screened and interior_index(groups) is not None:
-            out.refresh_screen(groups)
-        return out
+    def refresh(self) -> None:
+        """(Re-)derive the class operands from ``aug`` (after a shift changed)."""
+        nq, _, width = self.aug.shape
+        gi = interior_index(self.groups)
+        self.interior = None if gi is None else self.aug[:, self.groups[gi].positions].reshape(-1, width)
+        self.batched = []
+        for batch in border_batches(self.groups):
+            k, u = len(batch), len(self.groups[batch[0]])
+            pos = torch.cat([self.groups[i].positions for i in batch])
+            self.batched.append(self.aug[:, pos].view(nq, k, u, width).transpose(0, 1).reshape(k, nq * u, width))
+        self.screen = self.screen_err = None
+        if self.screened and self.interior is not None and screens(self.groups, width - 2):
+            cross = self.interior[:, :-2]  # 2 inv q
+            hi, lo = _split(self.interior[:, -1:])  # -inv ||q||^2 - shift
+            one = torch.ones_like(hi)
+            self.screen = torch.cat([cross.to(torch.bfloat16), hi, lo, one, one], 1)
+            self.screen_err = cross.norm(dim=1) * 2.0**-8
 
-    def refresh_screen(self, groups: list[LayoutGroup]) -> None:
-        """(Re-)derive the bfloat16 interior rows from the float ones (after the shift changed)."""
-        a = self.mats[interior_index(groups)]
-        cross = a[:, :-2]  # 2 inv q
-        hi, lo = _split(a[:, -1:])  # -inv ||q||^2 - shift
-        one = torch.ones_like(hi)
-        self.screen = torch.cat([cross.to(torch.bfloat16), hi, lo, one, one], 1)
-        self.screen_err = cross.norm(dim=1) * 2.0**-8
+    def raise_shift(self, q_idx: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor) -> None:
+        """Raise the shift of rows (q_idx, pos) by ``delta``; call ``refresh`` once after the last raise."""
+        self.aug[q_idx, pos, -1] -= delta
+        self.shift[q_idx, pos] += delta
+
+
+def _with_norms(vec: torch.Tensor, augment: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """vec (..., D) -> ([vec, ||vec||^2, 1], None) when augmented, else (vec, ||vec||^2 (...,))."""
+    norms = torch.linalg.vector_norm(vec, dim=-1, keepdim=True).square_()
+    if augment:
+        return torch.cat([vec, norms, torch.ones_like(norms)], -1), None
+    return vec.contiguous(), norms[..., 0]
 
 
 @dataclass
 class CandidateOperand:
-    """Candidate side for n images: ``border[g]`` (n * V_g, D + 2) per border class (None for the
-    interior), ``interior`` (n, D + 2, V) float (unfold's layout, which batched GEMMs take as it is);
-    screened path: ``screen`` (n, D + 4, V) bfloat16 and ``c_max`` the largest |c| of the chunk."""
+    """Candidate side for n images. ``interior`` (n * V, D') image-major; ``border[b]`` (k_b, n * V_b, D')
+    per batch of border classes (``border_batches``). D' = D + 2, [c, ||c||^2, 1], where the logits
+    outnumber the operand (Q * U > D: the product then yields the shifted logits); else D' = D with
+    ||c||^2 in ``interior_norms`` (n * V,) / ``border_norms[b]`` (k_b, n * V_b), added to the product.
+    Screened path: ``screen`` (n * V, D + 4) bfloat16 and ``c_max`` the largest |c| of the chunk."""
 
     n: int
-    border: list[torch.Tensor | None]
+    border: list[torch.Tensor]
     interior: torch.Tensor | None
+    interior_norms: torch.Tensor | None = None
+    border_norms: list[torch.Tensor | None] | None = None
     screen: torch.Tensor | None = None
     c_max: float = 0.0
 
     @classmethod
-    def build(cls, images: torch.Tensor, scale: Scale, groups: list[LayoutGroup], inv: float,
+    def build(cls, images: torch.Tensor, scale: Scale, groups: list[LayoutGroup], inv: float, rows: int = 1,
               screened: bool = False) -> "CandidateOperand":
-        """images (n, C, H, W) of s * y_n, in the dtype and on the device of the computation."""
-        n = images.shape[0]
+        """images (n, C, H, W) of s * y_n, in the dtype and on the device of the computation; ``rows``
+        the queries Q of the operand it meets."""
+        n, dim = images.shape[0], scale.dim(images.shape[1])
         gi = interior_index(groups)
-        interior = screen = None
-        c_max = 0.0
+        out = cls(n, [], None, border_norms=[])
         if gi is not None:
             f, m = scale.factor, scale.patch // scale.factor
             pooled = images if f == 1 else F.avg_pool2d(images, f, stride=1) * f  # block sums / f
-            cols = F.unfold(pooled, m, dilation=f)  # (n, D, V): the patches wholly inside, row-major
-            norms = cols.square().sum(1, keepdim=True)  # (n, 1, V)
-            interior = torch.cat([cols, norms, torch.ones_like(norms)], 1)
-            if screened:
+            cols = F.unfold(pooled, m, dilation=f).transpose(1, 2)  # (n, V, D): the patches wholly inside, row-major
+            interior, out.interior_norms = _with_norms(cols, rows * len(groups[gi]) > dim)
+            out.interior = interior.view(n * cols.shape[1], -1)
+            if out.interior_norms is not None:
+                out.interior_norms = out.interior_norms.view(-1)
+            if screened and screens(groups, dim):
+                norms = torch.linalg.vector_norm(cols, dim=-1, keepdim=True).square_()
                 hi, lo = _split(-inv * norms)
                 one = torch.ones_like(hi)
-                screen = torch.cat([cols.to(torch.bfloat16), one, one, hi, lo], 1)
-                c_max = float(norms.max().sqrt())
-        border_groups = [g for i, g in enumerate(groups) if i != gi]
-        border: list[torch.Tensor | None] = [None] * len(groups)
-        if border_groups:
+                out.screen = torch.cat([cols.to(torch.bfloat16), one, one, hi, lo], -1).view(-1, dim + 4)
+                out.c_max = float(norms.max().sqrt())
+        batches = border_batches(groups)
+        if batches:
             view = patch_view(images, scale)  # (n, G, G, C, m, m)
             grid = view.shape[1]
-            pos = torch.cat([g.positions for g in border_groups]).to(images.device)
-            vec = view[:, pos // grid, pos % grid].reshape(n, len(pos), -1)  # (n, Lb, D)
-            aug = torch.cat([vec, vec.square().sum(-1, keepdim=True), torch.ones_like(vec[..., :1])], -1)
-            lo = 0
-            for i, g in enumerate(groups):
-                if i == gi:
-                    continue
-                border[i] = aug[:, lo : lo + len(g)].reshape(n * len(g), -1)
-                lo += len(g)
-        return cls(n, border, interior, screen, c_max)
+            img = torch.arange(n, device=images.device)[None, :, None]
+            for batch in batches:
+                k, u = len(batch), len(groups[batch[0]])
+                pos = torch.stack([groups[i].positions for i in batch]).to(images.device)[:, None, :]  # (k, 1, u)
+                vec = view[img, pos // grid, pos % grid].reshape(k, n * u, dim)  # gathered batch-major
+                b, norms = _with_norms(vec, rows * u > dim)
+                out.border.append(b)
+                out.border_norms.append(norms)
+        return out
+
+
+def screens(groups: list[LayoutGroup], dim: int) -> bool:
+    """Whether the screened path screens this scale: when its interior class has more positions than a
+    patch has entries (p = 7: 676 > 147, 10:2: 529 > 75; not p = 14: 361 < 588, where the product is
+    cheap next to cutting the operands)."""
+    gi = interior_index(groups)
+    return gi is not None and len(groups[gi]) > dim
