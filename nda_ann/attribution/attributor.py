@@ -18,6 +18,7 @@ and nothing is searched: the scores are then exact.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import numpy as np
@@ -32,16 +33,17 @@ from ..scoring.patches import layout_groups
 from ..scoring.scales import Scale
 from ..scoring.schedule import NoiseSchedule
 from ..units import parse_bytes
-from .candidates import Hits, candidate_mass, query_thumbnail, select_candidates
+from .candidates import Hits, candidate_mass, query_thumbnail, ranked_candidates, select_candidates
 from .fast import fast_scores
 from .known import known_logits, retrieved_outside
 from .maps import Contributions, keep_maps
 from .outside import sample_outside
 from .query_patches import NoisedBlock
 from .rerank import proxy_scores
-from .rescore import rescore
+from .rescore import Rescoring, rescore
+from .rounds import RoundsRecord, grow
 from .result import Attribution
-from .settings import GUIDE_SHARE, AttributionSettings, Mode
+from .settings import ADAPTIVE_FIRST, GUIDE_SHARE, AttributionSettings, Mode
 from .tail import tail_scores
 
 log = logging.getLogger("nda_ann.attribution")
@@ -145,6 +147,8 @@ class Attributor:
         rerank: int | None = None,
         names: Sequence[str] | None = None,
         progress: bool = False,
+        max_outside: float | None = None,
+        time_budget: float | None = None,
     ) -> Attribution:
         """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
 
@@ -164,7 +168,8 @@ class Attributor:
         settings = AttributionSettings.create(
             timesteps, sched, k=k, candidates=candidates, nprobe=nprobe, topk=topk, alpha=alpha, seed=seed,
             noise_draws=noise_draws, schedule=schedule, mode=mode, thumbnail_share=thumbnail_share,
-            outside_sample=outside_sample, precision=precision, maps=maps, tail=tail, rerank=rerank)
+            outside_sample=outside_sample, precision=precision, maps=maps, tail=tail, rerank=rerank,
+            max_outside=max_outside, time_budget=time_budget)
         if settings.k > self.max_k():
             log.warning("k = %d clipped to %d: no query patch has more same-layout training patches", settings.k, self.max_k())
             settings.k = self.max_k()
@@ -181,13 +186,15 @@ class Attributor:
             block = range(lo, min(lo + QUERY_BLOCK, len(qnames)))
             parts: dict[int, list] = {q: [] for q in block}
             for ti, t in enumerate(ts):
+                started = time.perf_counter()
                 noised = NoisedBlock.make(queries[block.start : block.stop], t, sched, seed, noise_draws, self.scales)
                 full = mode == "rescore" and m_per_t[ti] >= FULL_RESCORE_SHARE * self.corpus.count
                 hits = None if full else {key: self.searcher.search(key[1], noised.search_vectors(key), settings.k, nprobe) for key in noised.keys}
                 for q in block:
                     b = q - lo
                     q_hits = None if full else {key: (d[b], i[b], p[b]) for key, (d, i, p) in hits.items()}
-                    ids, vals, contrib = self._attribute_one(q, ti, noised, b, q_hits, m_per_t[ti], weights, settings, dtype, result)
+                    deadline = None if settings.time_budget is None else started + settings.time_budget / len(ts)
+                    ids, vals, contrib = self._attribute_one(q, ti, noised, b, q_hits, m_per_t[ti], weights, settings, dtype, result, deadline)
                     result.sparse[(ti, q)] = (ids, vals)
                     parts[q].append(contrib)
                     bar.update(1)
@@ -198,7 +205,7 @@ class Attributor:
         return result
 
     def _attribute_one(self, q: int, ti: int, noised: NoisedBlock, b: int, hits: Hits | None, m: int, weights: list[float],
-                       settings: AttributionSettings, dtype, result: Attribution):
+                       settings: AttributionSettings, dtype, result: Attribution, deadline: float | None = None):
         """(ids, scores, contributions) of query ``q`` (row ``b`` of ``noised``) at timestep index
         ``ti``; ``hits`` None: re-score every image. Stores its outside mass and M in ``result``.
         ``contributions`` (None in fast mode or without maps) holds what its heatmaps are drawn from."""
@@ -206,26 +213,45 @@ class Attributor:
         if settings.mode == "fast":
             return (*fast_scores(hits, self.scales, weights, draws, n, s, sigma2, settings.topk), None)
         patches = noised.of(b, self.device, dtype)
+        exact_at = {sc: self._distances_exact(sc) for sc in self.scales}
+        known_of = (lambda cand: known_logits(self.corpus, cand, hits, patches, exact_at, s, sigma2)) if hits is not None else (lambda cand: {})
         if hits is None:
-            cand, mass, known = np.arange(n), None, {}
+            pool, mass = np.arange(n), None
         else:
             mass = candidate_mass(hits, self.scales, weights, draws, n, s, sigma2)
-            cand = self._candidates(q, mass, min(m, n), noised, b, patches, weights, settings)
-            known = known_logits(self.corpus, cand, hits, patches, {sc: self._distances_exact(sc) for sc in self.scales}, s, sigma2)
+            pool = (self._pool(mass, min(m, n), noised, b, settings) if settings.adaptive
+                    else self._candidates(q, mass, min(m, n), noised, b, patches, weights, settings))
+        first = min(ADAPTIVE_FIRST, len(pool)) if settings.adaptive and hits is not None else len(pool)
+        cand0 = np.sort(pool[:first])
+        known = known_of(cand0)
         sampled = {} if hits is None else sample_outside(
-            self.corpus, cand, known, patches, self.groups, self.scales, s, sigma2, settings.outside_sample,
+            self.corpus, cand0, known, patches, self.groups, self.scales, s, sigma2, settings.outside_sample,
             (settings.seed, noised.t), mass, GUIDE_SHARE, self.budget)
         hint = None if hits is None else self._shift_hint(hits, known, s, sigma2)
-        res = self._rescore(q, cand, patches, weights, settings, s, sigma2, retrieved_outside(known), sampled, hint)
-        ids, vals = res.ids, res.scores
-        contrib = Contributions(cand, res.per_pos, {}) if settings.maps > 0 else None
+        if settings.adaptive and hits is not None:
+            res = Rescoring(self.corpus, patches, self.groups, self.scales, weights, draws, s, sigma2, settings.topk, self.budget, hint)
+            known, record = grow(res, pool, first, known_of, sampled, settings.max_outside, deadline)
+            out = res.result(retrieved_outside(known), sampled)
+        else:
+            out = self._rescore(q, cand0, patches, weights, settings, s, sigma2, retrieved_outside(known), sampled, hint)
+            record = RoundsRecord(len(cand0), float(np.mean(out.outside)), False, 1, "fixed")
+        cand = cand0 if out.cand is None else out.cand
+        ids, vals = out.ids, out.scores
+        contrib = Contributions(cand, out.per_pos, {}) if settings.maps > 0 else None
         if settings.tail and known:
-            extra = tail_scores(known, res.log_z, self.scales, weights, draws, n, None if contrib is None else contrib.tail)
+            extra = tail_scores(known, out.log_z, self.scales, weights, draws, n, None if contrib is None else contrib.tail)
             tail_ids = np.nonzero(extra)[0]
             ids, vals = np.concatenate([ids, tail_ids]), np.concatenate([vals, extra[tail_ids]])
-        result.outside_mass[ti, q] = res.outside
+        result.outside_mass[ti, q] = out.outside
         result.candidates_used[ti, q] = len(cand)
+        result.rounds[(ti, q)] = record
         return ids, vals, contrib
+
+    def _pool(self, mass: np.ndarray, cap: int, noised: NoisedBlock, b: int, settings: AttributionSettings) -> np.ndarray:
+        """Up to ``cap`` candidate ids ranked for re-scoring in rounds (candidates.ranked_candidates)."""
+        share = settings.thumbnail_share_at(noised.t, NoiseSchedule(settings.schedule))
+        qthumb = query_thumbnail(noised.mean_image(b), noised.s) if share > 0 else None
+        return ranked_candidates(mass, cap, self.thumbs if share > 0 else None, qthumb, share)
 
     def _rescore(self, q: int, cand: np.ndarray, patches: dict, weights: list[float], settings: AttributionSettings,
                  s: float, sigma2: float, retrieved_out: dict, sampled: dict, hint: dict | None = None):

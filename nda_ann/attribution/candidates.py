@@ -59,6 +59,23 @@ def select_candidates(mass: np.ndarray, m: int, thumbs: np.ndarray | None = None
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
+def ranked_candidates(mass: np.ndarray, m: int, thumbs: np.ndarray | None = None, query_thumb: torch.Tensor | None = None,
+                      thumb_share: float = 0.0) -> np.ndarray:
+    """(<= m,) candidate ids, best first, for re-scoring in rounds: every prefix of length k holds about
+    round(k * share) nearest images by thumbnail and the rest by ``mass``, as ``select_candidates(k)``."""
+    by_mass = np.argsort(-mass, kind="stable")[: m + int(round(m * thumb_share))]
+    by_thumb = nearest_thumbnails(thumbs, query_thumb, int(round(m * thumb_share))) if thumb_share > 0 else np.zeros(0, dtype=np.int64)
+    out, seen, ti, mi = [], set(), 0, 0
+    while len(out) < m and (ti < len(by_thumb) or mi < len(by_mass)):
+        take_thumb = ti < len(by_thumb) and (ti < round((len(out) + 1) * thumb_share) or mi >= len(by_mass))
+        i = int(by_thumb[ti] if take_thumb else by_mass[mi])
+        ti, mi = (ti + 1, mi) if take_thumb else (ti, mi + 1)
+        if i not in seen:
+            seen.add(i)
+            out.append(i)
+    return np.asarray(out, dtype=np.int64)
+
+
 def query_thumbnail(mean_noisy: torch.Tensor, s: float) -> torch.Tensor:
     """(T,) thumbnail of the query (1, C, H, W) noised image mean, rescaled by 1 / s like the corpus'."""
     return thumbnails(mean_noisy / s)[0]

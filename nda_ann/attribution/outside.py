@@ -16,6 +16,7 @@ are likely. Each sampled image is read once for all classes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,7 +89,38 @@ def _counted(keys: np.ndarray, known_keys: np.ndarray) -> np.ndarray:
     return mask[:, inverse]
 
 
-def estimate_outside(
+@dataclass
+class OutsideSample:
+    """Sampled non-candidate images ``ids`` (S,) and each one's weighted log mass at every query
+    position ``log_contrib`` (L, S) float64 (-inf where none): the estimate of the non-candidates'
+    unretrieved mass is their logsumexp over images. Excluding images that later became candidates
+    keeps it unbiased for the rest (membership follows the retrieval, not the draw)."""
+
+    ids: np.ndarray
+    log_contrib: torch.Tensor
+
+    def log_mass(self, exclude: np.ndarray | None = None) -> torch.Tensor:
+        """(L,) log of the estimated mass, leaving out the sampled images in ``exclude`` (sorted ids)."""
+        contrib = self.log_contrib
+        if exclude is not None and len(exclude) and len(self.ids):
+            at = np.searchsorted(exclude, self.ids).clip(max=len(exclude) - 1)
+            keep = exclude[at] != self.ids
+            contrib = contrib[:, torch.from_numpy(keep)]
+        if contrib.shape[1] == 0:
+            return torch.full((contrib.shape[0],), -math.inf, dtype=torch.float64)
+        return torch.logsumexp(contrib, -1)
+
+
+def estimate_outside(corpus, query_patches: torch.Tensor, groups: list[LayoutGroup], scale: Scale, s: float,
+                     inv_two_sigma2: float, known_image: np.ndarray, known_position: np.ndarray, size: int,
+                     guide: Guide, rng: np.random.Generator, budget: int = 256 << 20) -> torch.Tensor:
+    """(L,) float64: log of the estimated mass of the non-candidates' patches not counted in R(u)
+    (-inf where none); ``sample_pairs(...).log_mass()``."""
+    return sample_pairs(corpus, query_patches, groups, scale, s, inv_two_sigma2, known_image, known_position,
+                        size, guide, rng, budget).log_mass()
+
+
+def sample_pairs(
     corpus,
     query_patches: torch.Tensor,
     groups: list[LayoutGroup],
@@ -101,9 +133,8 @@ def estimate_outside(
     guide: Guide,
     rng: np.random.Generator,
     budget: int = 256 << 20,
-) -> torch.Tensor:
-    """(L,) float64: log of the estimated mass of the non-candidates' patches not counted in R(u)
-    (-inf where none).
+) -> OutsideSample:
+    """The sampled estimate of the non-candidates' patches not counted in R(u), per sampled image.
 
     ``size`` non-candidate images are drawn (``guide``) and read once; each layout class then takes
     one uniformly drawn position of its own from each, and each pair stands for |class| / (S p)
@@ -115,14 +146,14 @@ def estimate_outside(
     """
     npos = query_patches.shape[0]
     dev, dtype = query_patches.device, query_patches.dtype
-    log_mass = torch.full((npos,), -math.inf, dtype=torch.float64)
     if guide.free <= 0 or size <= 0:
-        return log_mass
+        return OutsideSample(np.zeros(0, dtype=np.int64), torch.zeros((npos, 0), dtype=torch.float64))
     every_image = guide.free <= size
     if every_image:  # each non-candidate stands for itself
         ids, log_w = non_candidates(guide.cand, np.arange(guide.free)), np.zeros(guide.free)
     else:
         ids, log_w = guide.draw(size, rng)
+    contrib = torch.full((npos, len(ids)), -math.inf, dtype=torch.float64)
     exhaustive = [every_image and len(ids) * len(g) <= size for g in groups]
     known_keys = np.where(known_image >= 0, known_image.astype(np.int64) * npos + known_position, -1)
     q_norms = query_patches.square().sum(-1)
@@ -149,13 +180,15 @@ def estimate_outside(
             logits = torch.addmm(y.square().sum(-1)[None], q, y.T, beta=-1.0, alpha=2.0)
             logits = logits.sub_(q_norms[pos][:, None]).mul_(inv_two_sigma2).double().cpu()  # (U, P)
             logits[torch.from_numpy(_counted(chunk[img_idx] * npos + at, known_keys[pos.numpy()]))] = -math.inf
-            log_mass[pos] = torch.logaddexp(log_mass[pos], torch.logsumexp(logits + torch.from_numpy(pair_w)[None], -1))
-    return log_mass
+            per_pair = (logits + torch.from_numpy(pair_w)[None]).view(len(pos), len(chunk), -1)  # (U, b, pairs per image)
+            block = contrib[pos, lo : lo + len(chunk)]
+            contrib[pos, lo : lo + len(chunk)] = torch.logaddexp(block, torch.logsumexp(per_pair, -1))
+    return OutsideSample(ids, contrib)
 
 
 def sample_outside(corpus, cand: np.ndarray, known: dict, patches: dict, groups: dict, scales: list, s: float, sigma2: float,
                    size: int, seed: tuple[int, int], mass: np.ndarray, guide_share: float, budget: int) -> dict:
-    """Per (draw, scale): (L,) log of the estimated mass of the non-candidates' patches not counted in
+    """Per (draw, scale): the ``OutsideSample`` estimating the non-candidates' patches not counted in
     ``known`` (known.py), from ``size`` sampled images; {} when there is nothing to estimate.
     The draws depend only on (seed, t, draw, scale), not on the query's place in its batch.
     ``patches``: the query's (1, L, D) noised patch vectors per (draw, scale)."""
@@ -166,5 +199,5 @@ def sample_outside(corpus, cand: np.ndarray, known: dict, patches: dict, groups:
     for (d, sc), qp in patches.items():
         _, img, pos = known[(d, sc)]
         rng = np.random.default_rng([*seed, d, scales.index(sc)])
-        out[(d, sc)] = estimate_outside(corpus, qp[0], groups[sc], sc, s, 1.0 / (2.0 * sigma2), img, pos, size, guide, rng, budget)
+        out[(d, sc)] = sample_pairs(corpus, qp[0], groups[sc], sc, s, 1.0 / (2.0 * sigma2), img, pos, size, guide, rng, budget)
     return out

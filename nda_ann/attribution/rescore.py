@@ -1,8 +1,10 @@
-"""Stage 2: exact dense re-scoring of the candidate images (SPEC section 4, step 2).
+"""Stage 2: exact dense re-scoring of the candidate images (SPEC section 4, step 2), in rounds.
 
-Every query patch against every same-layout position of the M candidates, from the store's pixels;
-the non-candidates enter the softmax normaliser through the known mass of their retrieved patches
-(known.py) plus the sampled estimate of the rest (outside.py).
+Every query patch against every same-layout position of the candidates, from the store's pixels
+(scoring/masses.py); the non-candidates enter the softmax normaliser through the known mass of their
+retrieved patches (known.py) plus the sampled estimate of the rest (outside.py). ``Rescoring.add``
+re-scores more candidates to what it holds, so the number of candidates can follow the estimated
+outside mass (attributor.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from ..scoring.dense import chunk_size
 from ..scoring.masses import MassScan, max_logits
 from ..scoring.operands import kernel_path
-from ..scoring.patches import LayoutGroup, extract_patches
+from ..scoring.patches import LayoutGroup
 from ..scoring.scales import Scale
 
 # candidate images whose largest logits give the shift where no nearest retrieved patch does (a lower
@@ -26,75 +28,134 @@ SHIFT_SAMPLE = 16
 @dataclass
 class Rescored:
     """One query's re-scored candidates: ``ids`` (M',) with ``scores`` (M',) > 0; ``per_pos[scale]``
-    (L, M) weighted masses per query position and candidate (columns in the order of ``cand``);
-    ``outside`` (S,) mean share of the normaliser outside the candidates per scale; ``log_z[(draw,
-    scale)]`` (L,) log normaliser per query position."""
+    (L, M) weighted masses per query position and candidate (columns in the order of ``cand``, the
+    sorted ids); ``outside`` (S,) mean share of the normaliser outside the candidates per scale;
+    ``log_z[(draw, scale)]`` (L,) log normaliser per query position."""
 
     ids: np.ndarray
     scores: np.ndarray
     per_pos: dict[Scale, torch.Tensor]
     outside: np.ndarray
     log_z: dict
+    cand: np.ndarray | None = None
+
+
+class _Scan:
+    """The shifted masses of one query at one (draw, scale) over the candidates added so far."""
+
+    def __init__(self, qp: torch.Tensor, sc: Scale, groups: list[LayoutGroup], inv: float, topk: int | None,
+                 hint: torch.Tensor | None):
+        self.qp, self.sc, self.groups, self.inv, self.topk, self.hint = qp, sc, groups, inv, topk, hint
+        self.scan: MassScan | None = None
+        self.z_in = torch.zeros(qp.shape[1], dtype=torch.float64, device=qp.device)
+        self.aggs: list[torch.Tensor] = []
+
+    def add(self, imgs: torch.Tensor) -> None:
+        """imgs (b, C, H, W) of s * y, in the computation's dtype and device."""
+        if self.scan is None:
+            shift = None if self.hint is None else self.hint.to(self.qp.device, self.qp.dtype)
+            if shift is None or not torch.isfinite(shift).all():  # a lower bound from a few images
+                first = max_logits(self.qp, imgs[:SHIFT_SAMPLE], self.sc, self.groups, self.inv)[0]
+                shift = first if shift is None else torch.maximum(first, shift)
+            screened = kernel_path(self.qp.device, self.qp.dtype) == "screened"
+            self.scan = MassScan(self.qp, self.groups, self.inv, shift[None], self.topk, self.sc, screened)
+        full, agg, rescale = self.scan.add(imgs)
+        if rescale is not None:
+            self.z_in *= rescale[0].double()
+            self.aggs = [a * rescale[0][:, None] for a in self.aggs]
+        self.z_in += full[0].sum(-1, dtype=torch.float64)
+        self.aggs.append(agg[0])
+
+    @property
+    def log_z_in(self) -> torch.Tensor:
+        """(L,) float64 log of the candidates' part of the normaliser."""
+        return self.z_in.log() + self.scan.shift[0].double()
+
+
+class Rescoring:
+    """One query's exact re-scoring, grown by ``add``; ``outside`` and ``result`` combine what it holds
+    with the non-candidates' known (``retrieved_out``) and sampled (``sampled``) shares of the normaliser.
+
+    ``patches``: the query's (1, L, D) noised patch vectors per (draw, scale), on the device and in the
+    dtype of the computation; ``shift_hint`` (per (draw, scale), (L,)): a lower bound of each position's
+    largest logit (the nearest retrieved patch's, from exact distances), else a few images' maxima.
+    """
+
+    def __init__(self, corpus, patches: dict, groups: dict[Scale, list[LayoutGroup]], scales: list[Scale],
+                 weights: list[float], draws: int, s: float, sigma2: float, topk: int | None, budget: int,
+                 shift_hint: dict | None = None):
+        self.corpus, self.scales, self.weights, self.draws, self.s = corpus, scales, weights, draws, s
+        inv = 1.0 / (2.0 * sigma2)
+        self.scans = {(d, sc): _Scan(patches[(d, sc)], sc, groups[sc], inv, topk, None if shift_hint is None else shift_hint.get((d, sc)))
+                      for sc in scales for d in range(draws)}
+        some = next(iter(patches.values()))
+        self.device, self.dtype = some.device, some.dtype
+        self.step = min(chunk_size(1, groups[sc], self.dtype, budget) for sc in scales)
+        self.order: list[np.ndarray] = []
+
+    @property
+    def count(self) -> int:
+        return sum(len(o) for o in self.order)
+
+    def cand(self) -> np.ndarray:
+        """(M,) sorted ids of the images re-scored so far."""
+        return np.sort(np.concatenate(self.order)) if self.order else np.zeros(0, dtype=np.int64)
+
+    def add(self, ids: np.ndarray) -> None:
+        """Re-score the images ``ids`` (none re-scored before), each read once for every (draw, scale)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        for lo in range(0, len(ids), self.step):
+            imgs = self.corpus.take(ids[lo : lo + self.step]).to(self.device, self.dtype) * self.s
+            for scan in self.scans.values():
+                scan.add(imgs)
+        self.order.append(ids)
+
+    def _log_z_out(self, key, cand: np.ndarray, retrieved_out: dict, sampled: dict) -> torch.Tensor:
+        if len(cand) >= self.corpus.count:
+            return torch.full_like(self.scans[key].log_z_in, -math.inf)
+        out = retrieved_out[key].double()
+        if key in sampled:
+            out = torch.logaddexp(out, sampled[key].log_mass(cand).double())
+        return out
+
+    def outside(self, retrieved_out: dict, sampled: dict) -> np.ndarray:
+        """(S,) the estimated share of the normaliser outside the re-scored images, per scale (mean
+        over query positions and draws)."""
+        cand = self.cand()
+        out = np.zeros(len(self.scales))
+        for (d, sc), scan in self.scans.items():
+            log_z_out = self._log_z_out((d, sc), cand, retrieved_out, sampled).to(scan.log_z_in.device)
+            out[self.scales.index(sc)] += float(torch.exp(log_z_out - torch.logaddexp(scan.log_z_in, log_z_out)).mean()) / self.draws
+        return out
+
+    def result(self, retrieved_out: dict, sampled: dict) -> Rescored:
+        """The scores of the re-scored images under the normaliser that includes the non-candidates."""
+        cand = self.cand()
+        order = np.concatenate(self.order) if self.order else np.zeros(0, dtype=np.int64)
+        columns = torch.from_numpy(np.argsort(order, kind="stable"))  # addition order -> sorted ids
+        scores = torch.zeros(len(cand), dtype=torch.float64)
+        per_pos: dict[Scale, list[torch.Tensor]] = {}
+        outside = np.zeros(len(self.scales))
+        log_zs: dict = {}
+        for (d, sc), scan in self.scans.items():
+            w = self.weights[self.scales.index(sc)]
+            log_z_out = self._log_z_out((d, sc), cand, retrieved_out, sampled).to(scan.log_z_in.device)
+            log_z = torch.logaddexp(scan.log_z_in, log_z_out)
+            log_zs[(d, sc)] = log_z.to(self.dtype)
+            outside[self.scales.index(sc)] += float(torch.exp(log_z_out - log_z).mean()) / self.draws
+            shift = scan.scan.shift[0].double()
+            a = (torch.cat(scan.aggs, -1).double() * torch.exp(shift - log_z)[:, None]).cpu()[:, columns]  # (L, M)
+            scores += w / self.draws * a.sum(0)
+            per_pos.setdefault(sc, []).append(w / self.draws * a)
+        keep = scores.numpy() > 0
+        return Rescored(cand[keep], scores.numpy()[keep], {sc: sum(parts) for sc, parts in per_pos.items()}, outside, log_zs, cand)
 
 
 def rescore(corpus, cand: np.ndarray, patches: dict, groups: dict[Scale, list[LayoutGroup]], scales: list[Scale],
             weights: list[float], draws: int, s: float, sigma2: float, retrieved_out: dict, sampled: dict,
             topk: int | None, budget: int, shift_hint: dict | None = None) -> Rescored:
-    """Exact re-scoring of one query (``patches``: its (1, L, D) noised patch vectors per (draw,
-    scale), on the device and in the dtype of the computation) against every position of the
-    candidate images ``cand`` (M,) sorted.
-
-    ``retrieved_out`` / ``sampled`` (per (draw, scale), (L,) logs): the non-candidates' known and
-    estimated shares of the normaliser; ignored when every image is a candidate. ``shift_hint`` (per
-    (draw, scale), (L,)): a lower bound of each position's largest logit (the nearest retrieved
-    patch's, from exact distances); without one, the first chunk's maxima are used
-    (scoring/masses.py).
-    """
-    n, m = corpus.count, len(cand)
-    inv = 1.0 / (2.0 * sigma2)
-    scores = torch.zeros(m, dtype=torch.float64)
-    per_pos: dict[Scale, list[torch.Tensor]] = {}
-    outside = np.zeros(len(scales))
-    log_zs: dict = {}
-    for si, (sc, w) in enumerate(zip(scales, weights)):
-        for d in range(draws):
-            qp = patches[(d, sc)]
-            step = chunk_size(1, groups[sc], qp.dtype, budget)
-            hint = None if shift_hint is None else shift_hint.get((d, sc))
-            z_in, aggs, shift = _scan(corpus, cand, qp, sc, groups[sc], s, inv, topk, step, hint)
-            log_z_in = (z_in.log() + shift.double()).to(qp.dtype)  # (L,)
-            log_z_out = retrieved_out[(d, sc)].to(log_z_in) if m < n else torch.full_like(log_z_in, -math.inf)
-            if m < n and (d, sc) in sampled:
-                log_z_out = torch.logaddexp(log_z_out, sampled[(d, sc)].to(log_z_out))
-            log_z = torch.logaddexp(log_z_in, log_z_out)
-            log_zs[(d, sc)] = log_z
-            outside[si] += float(torch.exp(log_z_out - log_z).mean()) / draws
-            a = (aggs * torch.exp(shift - log_z)[:, None]).double().cpu()  # (L, M)
-            scores += w / draws * a.sum(0)
-            per_pos.setdefault(sc, []).append(w / draws * a)
-    keep = scores.numpy() > 0
-    return Rescored(cand[keep], scores.numpy()[keep], {sc: sum(parts) for sc, parts in per_pos.items()}, outside, log_zs)
-
-
-def _scan(corpus, cand: np.ndarray, qp: torch.Tensor, sc: Scale, groups: list[LayoutGroup], s: float, inv: float,
-          topk: int | None, step: int, hint: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One query's shifted masses over the candidates, chunk by chunk: (z_in (L,) the candidates'
-    shifted normaliser, aggs (L, M) shifted per-image masses, shift (L,))."""
-    scan, z_in, aggs = None, None, []
-    screened = kernel_path(qp.device, qp.dtype) == "screened"
-    for lo in range(0, len(cand), step):
-        imgs = corpus.take(cand[lo : lo + step]).to(qp.device, qp.dtype) * s
-        if scan is None:
-            shift = None if hint is None else hint.to(qp.device, qp.dtype)
-            if shift is None or not torch.isfinite(shift).all():  # a lower bound from a few images
-                first = max_logits(qp, imgs[:SHIFT_SAMPLE], sc, groups, inv)[0]
-                shift = first if shift is None else torch.maximum(first, shift)
-            scan = MassScan(qp, groups, inv, shift[None], topk, sc, screened)
-        full, agg, rescale = scan.add(imgs)
-        if rescale is not None and z_in is not None:
-            z_in = z_in * rescale[0].double()
-            aggs = [a * rescale[0][:, None] for a in aggs]
-        part = full[0].sum(-1, dtype=torch.float64)
-        z_in = part if z_in is None else z_in + part
-        aggs.append(agg[0])
-    return z_in, torch.cat(aggs, -1), scan.shift[0]
+    """Exact re-scoring of one query against every position of the candidate images ``cand`` (M,)
+    sorted, in one round (``Rescoring``)."""
+    res = Rescoring(corpus, patches, groups, scales, weights, draws, s, sigma2, topk, budget, shift_hint)
+    res.add(cand)
+    return res.result(retrieved_out, sampled)

@@ -25,6 +25,17 @@ class Attribution:
     outside_mass: np.ndarray | None = None  # (T, Q, S): mean estimated share of mass outside the candidates
     scale_names: list[str] = field(default_factory=list)
     candidates_used: np.ndarray | None = None  # (T, Q): M, the number of images re-scored exactly
+    rounds: dict[tuple[int, int], Any] = field(default_factory=dict)  # (t index, query) -> rounds.RoundsRecord
+
+    def candidates_report(self) -> dict[str, Any]:
+        """Per query and timestep: M re-scored, the estimated outside share, whether the target was met
+        and what stopped the rounds (summary.json's ``candidates``)."""
+        out: dict[str, Any] = {}
+        for (ti, q), rec in sorted(self.rounds.items()):
+            out.setdefault(self.query_names[q], {})[f"t={self.timesteps[ti]}"] = {
+                "candidates": int(rec.candidates), "outside": round(float(rec.outside), 6), "target_met": bool(rec.met),
+                "rounds": int(rec.rounds), "stopped_by": rec.stopped_by}
+        return out
 
     @property
     def scores(self) -> np.ndarray:

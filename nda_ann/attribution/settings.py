@@ -34,6 +34,10 @@ DEFAULT_RERANK = 1
 # About 0.03 s per query at 512 (0.1 s at 2,048).
 DEFAULT_OUTSIDE_SAMPLE = 512
 GUIDE_SHARE = 0.5
+# rounds (rounds.py): the first round's candidates, and the most a query may reach when neither
+# ``candidates`` nor the corpus size caps it
+ADAPTIVE_FIRST = 128
+ADAPTIVE_CAP = 20_000
 
 
 def default_candidates(sigma2: float) -> int:
@@ -67,6 +71,8 @@ class AttributionSettings:
     maps: int = 8
     tail: bool = True
     rerank: int = DEFAULT_RERANK
+    max_outside: float | None = None  # re-score in rounds until the estimated outside share is below it
+    time_budget: float | None = None  # seconds per query (all timesteps) for those rounds
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -100,11 +106,25 @@ class AttributionSettings:
         if isinstance(outside_sample, bool) or int(outside_sample) != outside_sample or outside_sample < 0:
             raise ValueError(f"outside_sample must be a non-negative integer, got {outside_sample!r}")
         rerank = _positive_int("rerank", DEFAULT_RERANK if rerank is None else rerank)
+        target, budget = kw.get("max_outside"), kw.get("time_budget")
+        if target is not None and not 0.0 < float(target) <= 1.0:
+            raise ValueError(f"max_outside is a share of the normaliser, in (0, 1]; got {target!r}")
+        if budget is not None and not float(budget) > 0.0:
+            raise ValueError(f"time_budget must be a positive number of seconds, got {budget!r}")
+        if (target is not None or budget is not None) and rerank > 1:
+            raise ValueError("rerank sizes a fixed candidate pool; it does not combine with max_outside / time_budget rounds")
         tail = (True if tail is None else bool(tail)) and mode == "rescore"
         return cls(ts, tail=tail, rerank=rerank, outside_sample=int(outside_sample), **kw)
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether candidates are re-scored in rounds (rounds.py) rather than a fixed M."""
+        return self.mode == "rescore" and (self.max_outside is not None or self.time_budget is not None)
+
     def candidates_at(self, t: int, sched: NoiseSchedule) -> int:
-        """M at timestep t: the user's, else ``default_candidates(sigma^2)``."""
+        """M at timestep t: the user's, else ``default_candidates(sigma^2)``; in rounds the cap on M."""
+        if self.adaptive:
+            return self.candidates if self.candidates is not None else ADAPTIVE_CAP
         return self.candidates if self.candidates is not None else default_candidates(sched.signal_and_noise(t)[1])
 
     def thumbnail_share_at(self, t: int, sched: NoiseSchedule) -> float:

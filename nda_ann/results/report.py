@@ -91,5 +91,7 @@ def _write_report(out: Path, attribution: Attribution, queries: torch.Tensor, co
             name: {f"t={t}": {sc: float(outside[ti, q, si]) for si, sc in enumerate(attribution.scale_names)} for ti, t in enumerate(attribution.timesteps)}
             for q, name in enumerate(attribution.query_names)
         }
+    if getattr(attribution, "rounds", None):
+        full["candidates"] = attribution.candidates_report()  # per query and timestep: M, outside share, target met
     write_json_atomic(out / "summary.json", full)
     return format_top_table(table, top)

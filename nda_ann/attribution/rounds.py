@@ -1,0 +1,63 @@
+"""Candidates sized by the measured outside mass: re-score in rounds until the estimated share of the
+normaliser outside the re-scored images falls below a target, or the query's time is spent.
+
+Round 1 re-scores the ``first`` best-ranked candidates; each later round doubles the count (or takes
+what the remaining time allows at the per-image cost measured so far), in the candidate ranking's
+order. The outside-mass sample is drawn once, against round 1's candidates; images that later become
+candidates leave it, which keeps it unbiased for those still outside (outside.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .known import retrieved_outside
+from .rescore import Rescoring
+
+MIN_ROUND = 32  # a round smaller than this (or a tenth of what is re-scored) is not worth its fixed cost
+
+
+@dataclass
+class RoundsRecord:
+    """What the rounds reached for one query and timestep."""
+
+    candidates: int
+    outside: float  # estimated share of the normaliser outside the re-scored images (mean over scales)
+    met: bool  # the outside target was reached
+    rounds: int
+    stopped_by: str  # "target", "time", "pool" or "fixed"
+
+
+def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.ndarray], dict], sampled: dict,
+         target: float | None, deadline: float | None) -> tuple[dict, RoundsRecord]:
+    """Re-score ``pool`` (ranked ids, best first) in rounds into ``res``; ``known_of(cand)`` gives the
+    known logits (known.py) for a sorted candidate set. Returns the last round's known logits and the record."""
+    m, rounds = min(first, len(pool)), 1
+    t0 = time.perf_counter()
+    res.add(pool[:m])
+    per_image = (time.perf_counter() - t0) / max(m, 1)
+    known = known_of(res.cand())
+    while True:
+        outside = float(res.outside(retrieved_outside(known), sampled).mean())
+        if target is None and deadline is None:
+            stopped = "fixed"
+            break
+        if target is not None and outside <= target:
+            stopped = "target"
+            break
+        step, stopped = min(len(pool) - m, m), "pool"  # doubling, within the ranked pool
+        if deadline is not None:
+            affordable = int((deadline - time.perf_counter()) / max(per_image, 1e-6))
+            if affordable < step:
+                step, stopped = affordable, "time"
+        if step < max(MIN_ROUND, m // 10):
+            break
+        t0 = time.perf_counter()
+        res.add(pool[m : m + step])
+        per_image = (time.perf_counter() - t0) / step
+        m, rounds = m + step, rounds + 1
+        known = known_of(res.cand())
+    return known, RoundsRecord(m, outside, target is not None and outside <= target, rounds, stopped)
