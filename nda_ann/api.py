@@ -61,7 +61,7 @@ def open_attributor(index: Path, *, device: str = "auto", engine: str = "local",
 
 
 def compare_to_exact(index: Path, queries: Sequence[Any], *, timesteps: Sequence[int] = (100,), json_path: Path | None = None, device: str = "auto", allow_resize: bool = True, **kwargs) -> str:
-    """Run the index path and the exact scorer on the same queries and noise; SPEC 5 metrics as text."""
+    """Run the index path and the exact scorer on the same queries and noise; docs/scores.md 7 metrics as text."""
     if json_path:
         check_writable(json_path)
     attributor = Attributor.open(index, device=device)

@@ -1,4 +1,4 @@
-"""An independent, loop-based float64 reference of SPEC sections 1-3, for tiny sizes only.
+"""An independent, loop-based float64 reference of docs/scores.md sections 1-3, for tiny sizes only.
 
 It shares no code with nda_ann: patches are cut pixel by pixel, the layout rule is applied by
 comparing sets of out-of-image offsets, and distances are plain sums of squared differences.
@@ -19,7 +19,7 @@ def alpha_bar(t: int, schedule: str = "linear") -> float:
     else:
         f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         betas = np.array([min(1 - f((i + 1) / 1000) / f(i / 1000), 0.999) for i in range(1000)], dtype=np.float32)
-    # SPEC: float32 betas and torch's float32 cumulative product (as diffusers and the paper's code)
+    # docs/scores.md 1: float32 betas and torch's float32 cumulative product (as diffusers and the paper's code)
     return float(torch.cumprod(1 - torch.from_numpy(betas), dim=0)[t])
 
 

@@ -1,4 +1,4 @@
-"""SPEC section 5 metrics against scipy and hand-computed cases."""
+"""docs/scores.md section 7 metrics against scipy and hand-computed cases."""
 from __future__ import annotations
 
 import numpy as np

@@ -225,7 +225,7 @@ def ivf_recalls(tmp_path, factories: list[str], n: int = 200) -> dict[str, float
     store = write_store(tmp_path / "store", train)
     flat = build_index(store, tmp_path / "flat", ["7"], progress=False)
     s = Scale(7)
-    ab = 0.895141  # alpha_bar at t = 100 (SPEC section 1): query q / s = x + sqrt(1 - ab) / sqrt(ab) * eps
+    ab = 0.895141  # alpha_bar at t = 100 (docs/scores.md section 1): query q / s = x + sqrt(1 - ab) / sqrt(ab) * eps
     x = torch.from_numpy(to_float(held[:2])).float()
     noisy = x + float(np.sqrt((1 - ab) / ab)) * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     q = extract_patches(noisy, s).numpy()

@@ -33,7 +33,7 @@ def test_every_precision_agrees_with_the_float64_reference_within_1e_4_of_the_la
     queries = np.concatenate([smooth_images(rng, 1, size=7), corpus[1:2] * 0.95])
     weights = [1.0] if len(scales) == 1 else [0.5, 0.5]
     got = exact_scores(torch.tensor(corpus), torch.tensor(queries), timesteps=[50, 300], scales=scales, topk=topk, precision=precision)
-    tol = 1e-4 if precision == "float32" else 1e-6  # the noise is drawn in float32 (SPEC 1) in both
+    tol = 1e-4 if precision == "float32" else 1e-6  # the noise is drawn in float32 (docs/scores.md 1) in both
     for ti, t in enumerate([50, 300]):
         want = naive(corpus, queries, t, scales, weights, topk)
         assert np.abs(got[ti] - want).max() <= tol * np.abs(want).max()

@@ -1,4 +1,4 @@
-"""Fidelity and speed of the index path against the exact scorer (SPEC sections 4 and 5).
+"""Fidelity and speed of the index path against the exact scorer (docs/scores.md sections 5 and 7).
 
 Real 32x32 photo crops (the embedded corpus generator), held-out queries. Everything expensive is
 cached under --work (stores, indexes, exact scores), so a rerun or an interrupted run resumes.
@@ -219,7 +219,7 @@ def main() -> None:
     f.add_argument("--ks", type=int, nargs="+", default=[256, 1024])
     f.add_argument("--ms", type=int, nargs="+", default=[50, 100, 200, 500])
     f.add_argument("--nprobes", type=int, nargs="*", default=[])
-    f.add_argument("--no-tail-rows", action="store_true", help="also rescore rows with tail=False (SPEC section 4's estimator)")
+    f.add_argument("--no-tail-rows", action="store_true", help="also rescore rows with tail=False (docs/scores.md section 5's estimator)")
     f.add_argument("--no-fast", action="store_true", help="skip the fast-mode rows")
     f.add_argument("--out", default=None, help="results JSON name under --work (default fidelity-N.json)")
     f.add_argument("--from-json", action="store_true", help="write the section from --out's rows; run nothing")

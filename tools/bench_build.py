@@ -13,7 +13,7 @@
    extrapolated from the measured rates (labelled as such).
 
 Each part's figures are kept in WORKDIR/part-NAME.json; --reuse skips parts already measured.
-Writes a section between <!-- bench_build --> markers of BENCHMARKS.md with --write.
+Writes a section between <!-- bench_build --> markers of docs/benchmarks/index.md with --write.
 """
 from __future__ import annotations
 
@@ -407,7 +407,7 @@ def main() -> None:
     g.add_argument("--recall", action="store_true", help="also measure recall@100 of the index kinds (~30 min)")
     g = ap.add_argument_group("output")
     g.add_argument("--workdir", type=Path, default=Path("/tmp/nda-bench"))
-    g.add_argument("--write", action="store_true", help="update the bench_build section of BENCHMARKS.md")
+    g.add_argument("--write", action="store_true", help="update the bench_build section of docs/benchmarks/index.md")
     g.add_argument("--reuse", action="store_true", help="reuse parts already measured (workdir/part-*.json)")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -431,7 +431,7 @@ def main() -> None:
     section = report(got["full"], got["serve"], got["layout"], got["large"], a.budget, got.get("recall"))
     print(section)
     if a.write:
-        write_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", section)
+        write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "index.md", section)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,25 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+TOPICS = ROOT / "docs" / "benchmarks"
 HEADER = "# nda-ann benchmarks\n\nEach section is written by the script named in it; rerun that script to refresh it.\n"
+# which topic file of docs/benchmarks/ holds a section, by the start of its name (BENCHMARKS.md itself: the headline)
+SECTION_TOPICS = [
+    (("bench_exact", "bench_rescore"), "kernel"), (("bench_build",), "index"), (("bench_attribute_speed",), "speed"),
+    (("bench_attribute_fidelity", "defaults_", "tail_", "two_scale", "stride", "rerank", "reading_attribute"), "fidelity"),
+    (("outside_",), "outside"), (("million", "all_classes", "reading_million"), "million"), (("scale_",), "scale"),
+    (("lds",), "lds"), (("bench_ray",), "ray"), (("bench_serve",), "serve"),
+]
+
+
+def section_file(name: str) -> Path:
+    """The markdown file that holds section ``name`` (docs/benchmarks/<topic>.md, else BENCHMARKS.md)."""
+    for prefixes, topic in SECTION_TOPICS:
+        if name.startswith(prefixes):
+            return TOPICS / f"{topic}.md"
+    return BENCHMARKS
 
 
 def machine() -> str:
@@ -25,9 +42,12 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
 
 
-def update_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
-    """Put ``body`` between ``<!-- name -->`` and ``<!-- /name -->`` (appended if absent); atomic write."""
-    text = path.read_text() if path.exists() else HEADER
+def update_section(name: str, body: str, path: Path | None = None) -> None:
+    """Put ``body`` between ``<!-- name -->`` and ``<!-- /name -->`` (appended if absent) of ``path``
+    (default: ``section_file(name)``); atomic write."""
+    path = section_file(name) if path is None else path
+    header = f"# {path.stem.capitalize()} benchmarks\n\nPart of the benchmark record ([BENCHMARKS.md](../../BENCHMARKS.md) has the headline table).\n"
+    text = path.read_text() if path.exists() else (HEADER if path == BENCHMARKS else header)
     block = f"<!-- {name} -->\n{body.rstrip()}\n<!-- /{name} -->"
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

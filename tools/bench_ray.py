@@ -15,7 +15,7 @@
 3. The 100M-image plan re-derived from those figures (index and store bytes per image, build rate
    per worker, per-query time and bytes), with the merge of N nodes' top-k timed on this machine.
 
-Writes a section between <!-- bench_ray --> markers of BENCHMARKS.md with --write.
+Writes a section between <!-- bench_ray --> markers of docs/benchmarks/ray.md with --write.
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--cache-share", type=float, default=0.6)
     ap.add_argument("--workers-per-node", type=int, default=2)
     ap.add_argument("--gbit", type=float, default=10.0)
-    ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    ap.add_argument("--write", action="store_true", help="write the docs/benchmarks/ray.md section")
     args = ap.parse_args()
     SERVE["topk"] = args.topk or None
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 
     # the million-image run's indexes (tools/million.py), its serving settings
     python tools/bench_serve.py --index 5k=results/million/index-5k --index 1m=results/million/index-1m --settings million
-    # a quick check on any index (writes elsewhere than BENCHMARKS.md)
+    # a quick check on any index (writes elsewhere than docs/benchmarks/)
     python tools/bench_serve.py --index tiny=/tmp/ix --seconds 2 --repeats 1 --md /tmp/bench.md
 
 Per index:
@@ -15,7 +15,7 @@ Per index:
   one client posting one image at a time: the median latency. Its start-up time is reported too.
 - load: 1, 4 and 8 concurrent clients for --seconds each: requests per second, p50 and p95 latency.
 Writes the section between ``<!-- bench_serve -->`` and ``<!-- /bench_serve -->`` of --md
-(BENCHMARKS.md by default) and the raw figures to --work/bench_serve.json.
+(docs/benchmarks/serve.md by default) and the raw figures to --work/bench_serve.json.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_md import BENCHMARKS, machine, update_section  # noqa: E402
+from bench_md import machine, update_section  # noqa: E402
 
 # the million-image run's serving settings (tools/million.py SERVE), or the attributor's defaults
 SETTINGS = {"million": {"k": 256, "candidates": 300, "nprobe": 16, "topk": 100}, "default": {}}
@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="CLI calls per figure")
     ap.add_argument("--seconds", type=float, default=30.0, help="duration of each load level")
     ap.add_argument("--work", type=Path, default=ROOT / "results" / "bench_serve")
-    ap.add_argument("--md", type=Path, default=BENCHMARKS, help="markdown file whose bench_serve section is written")
+    ap.add_argument("--md", type=Path, default=None, help="markdown file whose bench_serve section is written (default docs/benchmarks/serve.md)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ Stages, each resumable and cached under --work (default results/million, not com
   image (after one warm-up query) and its resident memory (VmHWM, VmRSS).
 - exact: the exact scorer on the same queries and noise (only up to --exact-max images), cached
   per query, so an interrupted run keeps the queries already done.
-- fidelity: SPEC section 5 metrics of the serve scores (and of variants) against exact.
+- fidelity: docs/scores.md section 7 metrics of the serve scores (and of variants) against exact.
 
 Every stage appends its figures to WORK/records/STAGE-SIZE.json; ``report`` reads them.
 """
@@ -207,7 +207,7 @@ def stage_exact(work: Path, size: str, args) -> None:
 
 
 def stage_fidelity(work: Path, size: str, args) -> None:
-    """SPEC section 5 metrics of the serve scores, and of K / M / tail variants, against exact."""
+    """docs/scores.md section 7 metrics of the serve scores, and of K / M / tail variants, against exact."""
     from nda_ann import Attributor
     from nda_ann.results.fidelity import fidelity_table
 

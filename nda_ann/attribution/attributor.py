@@ -1,4 +1,4 @@
-"""The ``Attributor``: attribution through an index (SPEC section 4), wiring the stages.
+"""The ``Attributor``: attribution through an index (docs/scores.md section 5), wiring the stages.
 
 For each query and timestep (docs/scores.md, "The index estimator"):
 1. noise the query and cut its patches per scale and draw once (query_patches.py); search the index
@@ -9,7 +9,7 @@ For each query and timestep (docs/scores.md, "The index estimator"):
    (rescore.py); the non-candidates enter the normaliser through the exact mass of their retrieved
    patches (known.py) plus an unbiased estimate of the rest (outside.py), reported as
    ``outside_mass``; images outside the M score the weights of their retrieved patches (tail.py),
-   or 0 (``tail=False``: SPEC section 4's estimator);
+   or 0 (``tail=False``: docs/scores.md section 5's estimator);
 4. keep heatmaps of the top images (maps.py).
 ``mode="fast"`` stops after step 1 and scores the truncated softmax over the K retrieved patches
 (fast.py). Where M is a large share of the corpus (``FULL_RESCORE_SHARE``) every image is re-scored

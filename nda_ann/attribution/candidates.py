@@ -1,4 +1,4 @@
-"""Stage 1: candidate images from the retrieved patches (SPEC section 4).
+"""Stage 1: candidate images from the retrieved patches (docs/scores.md section 5).
 
 ``hits`` (one query) maps (draw, scale) to (dist, image, position), each (L, K): the unscaled squared
 distances of the K nearest same-layout training patches of each query patch, their image ids and grid

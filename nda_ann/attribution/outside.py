@@ -1,4 +1,4 @@
-"""The non-candidates' share of the softmax normaliser (SPEC section 4), estimated from sampled patches.
+"""The non-candidates' share of the softmax normaliser (docs/scores.md section 5), estimated from sampled patches.
 
 At each query position u the normaliser is Z(u) = candidates' mass (exact, from the re-scoring)
 + the non-candidates' mass. The latter splits into

@@ -17,7 +17,7 @@ Key = tuple[int, Scale]  # (noise draw, scale)
 @dataclass
 class NoisedBlock:
     """Queries ``block`` (B, C, H, W) noised at timestep ``t``: per draw (B, C, H, W) images and per
-    (draw, scale) (B, L, D) float32 CPU patch vectors of x_t (SPEC section 1: draw d uses seed + d)."""
+    (draw, scale) (B, L, D) float32 CPU patch vectors of x_t (docs/scores.md section 1: draw d uses seed + d)."""
 
     t: int
     s: float

@@ -1,4 +1,4 @@
-"""Stage 2: exact dense re-scoring of the candidate images (SPEC section 4, step 2), in rounds.
+"""Stage 2: exact dense re-scoring of the candidate images (docs/scores.md section 5, step 2), in rounds.
 
 Every query patch against every same-layout position of the candidates, from the store's pixels
 (scoring/masses.py); the non-candidates enter the softmax normaliser through the known mass of their

@@ -1,7 +1,7 @@
 """Tail scores: non-candidates score the exact weights of their retrieved patches.
 
 A lower bound of their exact score (only retrieved patches count; topk is not applied to them),
-instead of the 0 of SPEC section 4's estimator. On by default (measured: at t = 100, M = 200 on 3,000
+instead of the 0 of docs/scores.md section 5's estimator. On by default (measured: at t = 100, M = 200 on 3,000
 crops, subset-sum Spearman 0.982 -> 0.997 and relative L1 0.18 -> 0.04; BENCHMARKS.md).
 """
 from __future__ import annotations

@@ -27,8 +27,8 @@ def _common(f):
         click.option("-t", "--timestep", "timesteps", type=int, multiple=True, default=(100,), show_default=True, callback=_unique_timesteps, help="Diffusion timestep; repeat for several (their mean is reported too; a repeated one is dropped with a warning)."),
         click.option("--scale", "scales", type=ScaleParam(), multiple=True, help="Patch scale P or P:F (repeat for two). Index mode: defaults to the index's scales."),
         click.option("--alpha", type=float, default=None, help="Weight of the first of two scales (default 0.5)."),
-        click.option("--topk", type=click.IntRange(min=1), default=None, help="Sum only the K largest patch weights per image (SPEC 2)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (SPEC 1)."),
+        click.option("--topk", type=click.IntRange(min=1), default=None, help="Sum only the K largest patch weights per image (docs/scores.md 2)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (docs/scores.md 1)."),
         click.option("--noise-draws", type=click.IntRange(min=1), default=1, show_default=True, help="Average the scores of this many noise draws."),
         click.option("--schedule", type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]), default="linear", show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<i>."),
@@ -40,7 +40,7 @@ def _common(f):
         click.option("--outside-sample", type=click.IntRange(min=0), default=None, help="Non-candidate images sampled (one position each per layout class) to estimate the mass outside the M (default 512; 0: only the retrieved patches count)."),
         click.option("--max-outside", type=click.FloatRange(0, 1, min_open=True), default=None, help="Re-score candidates in rounds until the estimated share of the softmax mass outside them is below this (e.g. 0.3); --candidates then caps M (default 20,000)."),
         click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds per query image (all timesteps) for those rounds: stop when the next round would not fit."),
-        click.option("--tail/--no-tail", default=None, help="Score non-candidates by the weights of their retrieved patches (default on; --no-tail scores them 0 as SPEC section 4)."),
+        click.option("--tail/--no-tail", default=None, help="Score non-candidates by the weights of their retrieved patches (default on; --no-tail scores them 0 as docs/scores.md section 5)."),
         click.option("--resize/--no-resize", "allow_resize", default=True, show_default=True, help="Resize query images of another size than the corpus as the training images were (shorter side, centre crop), with a warning and a record in summary.json; --no-resize refuses them."),
     ]
     for opt in reversed(opts):
@@ -119,7 +119,7 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
 @_common
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the metrics here.")
 def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, max_outside, time_budget, tail, allow_resize, json_out):
-    """Fidelity of the index path against the exact scorer on the same queries and noise (SPEC 5)."""
+    """Fidelity of the index path against the exact scorer on the same queries and noise (docs/scores.md 7)."""
     from .. import api
     from .failures import reported
 

@@ -15,7 +15,7 @@ from .group import main
 @click.option("--queries", "n_queries", type=click.IntRange(min=1), default=6, show_default=True, help="Held-out query crops.")
 @click.option("--timestep", type=click.IntRange(0, 999), default=100, show_default=True, help="Diffusion timestep t.")
 @click.option("--scale", default="7", show_default=True, help="Patch scale P or P:F, e.g. 7 or 14:2.")
-@click.option("--topk", type=click.IntRange(min=1), default=100, show_default=True, help="Patches kept per image (SPEC 2).")
+@click.option("--topk", type=click.IntRange(min=1), default=100, show_default=True, help="Patches kept per image (docs/scores.md 2).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<i>.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Arithmetic of the exact scorer: float32 is faster, float64 the reference.")

@@ -1,4 +1,4 @@
-"""Image-level candidates: nearest neighbours of the query's low-resolution thumbnail (SPEC section 4).
+"""Image-level candidates: nearest neighbours of the query's low-resolution thumbnail (docs/scores.md section 5).
 
 At larger t the posterior is broad and whole-image likeness matters; an 8 x 8 thumbnail search
 adds candidates that the patch retrieval alone misses.

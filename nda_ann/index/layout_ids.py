@@ -1,7 +1,7 @@
 """Layout classes with their indexed positions, and the layout-coded id space.
 
 Each layout class of a scale gets its own FAISS sub-index, so a query patch can only ever retrieve
-candidates of its own layout (SPEC section 2). Inside a class, vectors are added image by image and,
+candidates of its own layout (docs/scores.md section 2). Inside a class, vectors are added image by image and,
 within an image, in the order of the class's indexed positions. The FAISS label of a vector is
 therefore ``(image - first_image_of_shard) * width + j``, and the global layout-coded id is
 ``image * width + j``: decoding needs no stored id map, only the class's position list.

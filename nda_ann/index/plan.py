@@ -58,7 +58,7 @@ def specs_of(entry: dict[str, Any]) -> list[ClassSpec]:
 
 
 def approximations(entry: dict[str, Any]) -> list[str]:
-    """Every approximation of one scale, in words (SPEC section 4: named, never silent)."""
+    """Every approximation of one scale, in words (docs/scores.md section 5: named, never silent)."""
     out = []
     if entry["candidate_stride"] > 1:
         out.append(f"candidate stride {entry['candidate_stride']}: {entry['stride_rule']}")

@@ -1,6 +1,6 @@
 """The index's stored thumbnails: one (N, C * 8 * 8) float16 .npy, memory-mapped when serving.
 
-The thumbnail search adds image-level candidates at larger t (SPEC section 4); computing the
+The thumbnail search adds image-level candidates at larger t (docs/scores.md section 5); computing the
 thumbnails of a million-image store on every open would read the whole store, so the build keeps
 them next to the FAISS files. An add writes a new file (named by its image count) before the
 manifest that names it is published, so a reader of the old manifest still finds the old file.

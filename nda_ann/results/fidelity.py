@@ -1,4 +1,4 @@
-"""Fidelity of approximate scores against exact ones (SPEC section 5)."""
+"""Fidelity of approximate scores against exact ones (docs/scores.md section 7)."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,7 +54,7 @@ def relative_l1(approx: np.ndarray, exact: np.ndarray) -> float:
 
 
 def fidelity(approx: np.ndarray, exact: np.ndarray, subsets: np.ndarray | None = None) -> dict[str, float]:
-    """All SPEC section 5 metrics for one query's (N,) score vectors."""
+    """All docs/scores.md section 7 metrics for one query's (N,) score vectors."""
     return {
         "top10_overlap": top_overlap(approx, exact, 10),
         "spearman": spearman(approx, exact),

@@ -1,4 +1,4 @@
-"""The exact NDA scorer (SPEC sections 1 to 3): every query patch against every patch of every image.
+"""The exact NDA scorer (docs/scores.md sections 1 to 3): every query patch against every patch of every image.
 
 Peak memory: the logits of one chunk of candidate images (``memory_budget``, default 1 GiB), plus
 the per-image log-masses Q * L * N values when they fit in the same budget; past that the scorer

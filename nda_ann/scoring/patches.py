@@ -1,4 +1,4 @@
-"""Patch vectors and layout classes (SPEC sections 2 and 3).
+"""Patch vectors and layout classes (docs/scores.md sections 2 and 3).
 
 A patch's layout is the set of its pixels outside the image. Because every image of a store has the
 same size, the layout depends only on the position, and splits into a row part and a column part.

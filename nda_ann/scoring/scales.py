@@ -1,4 +1,4 @@
-"""Patch scales (patch size p, projection factor f) of SPEC section 3."""
+"""Patch scales (patch size p, projection factor f) of docs/scores.md section 3."""
 from __future__ import annotations
 
 from dataclasses import dataclass

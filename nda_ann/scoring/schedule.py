@@ -1,4 +1,4 @@
-"""DDPM noise schedules and the seeded, device-independent noising of SPEC section 1."""
+"""DDPM noise schedules and the seeded, device-independent noising of docs/scores.md section 1."""
 from __future__ import annotations
 
 import math
@@ -69,7 +69,7 @@ class NoiseSchedule:
 
 
 def noise(shape: tuple[int, int, int], t: int, seed: int = 0, draw: int = 0) -> torch.Tensor:
-    """The fixed noise eps of SPEC section 1: (C, H, W) float32 on the CPU.
+    """The fixed noise eps of docs/scores.md section 1: (C, H, W) float32 on the CPU.
 
     The same for every query at timestep ``t``; draw ``d`` of several uses seed + d.
     """

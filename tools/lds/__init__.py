@@ -1,4 +1,4 @@
-"""LDS evaluation harness (SPEC section 6): train diffusion models on random subsets, measure their
+"""LDS evaluation harness (docs/scores.md section 7): train diffusion models on random subsets, measure their
 losses on queries, and score how well each attribution method predicts those losses.
 
 Modules: config (settings), data (images, subsets), unet (model), train (training, checkpoints,

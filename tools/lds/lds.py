@@ -1,4 +1,4 @@
-"""The linear datamodeling score (SPEC section 6) and its bootstrap confidence intervals.
+"""The linear datamodeling score (docs/scores.md section 7) and its bootstrap confidence intervals.
 
 For query q and subsets S_1..S_M: LDS_q = Spearman_j( loss_j(q), -sum_{n in S_j} score_n(q) ).
 A method that gives high scores to the images whose presence lowers the query's loss gets a

@@ -189,7 +189,7 @@ def write_benchmarks_section(path: Path, report: dict[str, Any], *, command: str
         "",
     ]
     if figure is not None:
-        body += [f"![LDS against timestep and patch size]({figure.as_posix()})", ""]
+        body += [f"![LDS against timestep and patch size]({os.path.relpath(figure, path.parent)})", ""]
     if notes:
         body += [notes.strip(), ""]
     body.append(END)

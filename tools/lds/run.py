@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     @click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also copy the sweep plot here.")
     @click.option("-v", "--verbose", is_flag=True, help="Log info messages.")
     def cli(name, overrides, out, device, threads, benchmarks, figure, verbose):
-        """Evaluate attribution methods by the linear datamodeling score (SPEC section 6)."""
+        """Evaluate attribution methods by the linear datamodeling score (docs/scores.md section 7)."""
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
         try:
             config = get_config(name, overrides)
