@@ -153,3 +153,13 @@ def test_largest_equals_topk_and_keeps_each_row_s_values(rng, dtype):
     assert torch.equal(x.sort(-1).values, before.sort(-1).values)
     got[:] = 0  # a new tensor, not a view of x
     assert torch.equal(x.sort(-1).values, before.sort(-1).values)
+
+
+@pytest.mark.parametrize("budget", ["1G", 3000])  # one pass, and two passes over the corpus
+def test_kept_mass_is_the_score_without_topk(rng, budget):
+    corpus = torch.tensor(smooth_images(rng, 6))
+    queries = torch.tensor(smooth_images(rng, 2))
+    res = exact_attribution(corpus, queries, timesteps=[100], scales=[3], topk=2, keep_mass=True, memory_budget=budget)
+    full = exact_scores(corpus, queries, timesteps=[100], scales=[3])
+    np.testing.assert_allclose(res.mass, full, rtol=1e-9, atol=1e-12)
+    assert np.all(res.scores <= res.mass + 1e-12) and not np.allclose(res.scores, res.mass)

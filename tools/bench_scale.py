@@ -28,36 +28,39 @@ from scale_corpora import QUERIES, SIZES, queries, source_dir, store_path  # noq
 SCALES, TOPK = ["7"], 100
 
 
-def exact_path(work: Path, corpus: str, size: str, t: int, q: int) -> Path:
-    return Path(work) / "exact" / f"{corpus}-{size}-t{t}-q{q}.npy"
+def exact_path(work: Path, corpus: str, size: str, t: int, q: int, kind: str = "") -> Path:
+    """The cached exact scores (``kind`` "mass": the softmax mass per image, the score without topk)."""
+    return Path(work) / "exact" / f"{corpus}-{size}-t{t}-q{q}{'-' + kind if kind else ''}.npy"
 
 
-def load_exact(work: Path, corpus: str, size: str, t: int, count: int = QUERIES) -> tuple[list[int], np.ndarray]:
+def load_exact(work: Path, corpus: str, size: str, t: int, count: int = QUERIES, kind: str = "") -> tuple[list[int], np.ndarray]:
     """(query indices done, (Q', N) exact scores of those queries)."""
-    done = [q for q in range(count) if exact_path(work, corpus, size, t, q).exists()]
-    return done, np.stack([np.load(exact_path(work, corpus, size, t, q)) for q in done]) if done else np.zeros((0, 0))
+    done = [q for q in range(count) if exact_path(work, corpus, size, t, q, "mass").exists()]
+    return done, np.stack([np.load(exact_path(work, corpus, size, t, q, kind)) for q in done]) if done else np.zeros((0, 0))
 
 
 def stage_exact(work: Path, corpus: str, size: str, ts: list[int], group: int, budget: str) -> None:
     """Exact scores of every query not yet cached, ``group`` queries per pass over the store."""
-    from nda_ann import Store, exact_scores
+    from nda_ann import Store, exact_attribution
     from nda_ann.atomic import write_json_atomic
 
     store = Store.open(store_path(work, corpus, size))
     images, names, _ = queries(work, corpus)
     for t in ts:
-        todo = [q for q in range(len(images)) if not exact_path(work, corpus, size, t, q).exists()]
+        todo = [q for q in range(len(images)) if not exact_path(work, corpus, size, t, q, "mass").exists()]
         for lo in range(0, len(todo), group):
             part = todo[lo : lo + group]
             t0 = time.perf_counter()
-            s = exact_scores(store, images[part], timesteps=[t], scales=SCALES, topk=TOPK, precision="float32", memory_budget=budget, progress=True)[0]
+            res = exact_attribution(store, images[part], timesteps=[t], scales=SCALES, topk=TOPK, precision="float32",
+                                    memory_budget=budget, progress=True, keep_mass=True)
             secs = time.perf_counter() - t0
             for i, q in enumerate(part):
-                path = exact_path(work, corpus, size, t, q)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.stem + ".tmp.npy")
-                np.save(tmp, s[i])
-                tmp.replace(path)
+                for kind, arr in (("", res.scores[0, i]), ("mass", res.mass[0, i])):  # the mass last: it marks the query done
+                    path = exact_path(work, corpus, size, t, q, kind)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(path.stem + ".tmp.npy")
+                    np.save(tmp, arr)
+                    tmp.replace(path)
             log = Path(work) / "exact" / "log.json"
             entries = json.loads(log.read_text()) if log.exists() else []
             entries.append({"corpus": corpus, "size": size, "t": t, "queries": part, "seconds": secs, "images": len(store)})
@@ -114,7 +117,7 @@ def main() -> None:
     ap.add_argument("--size", choices=list(SIZES), default="100k")
     ap.add_argument("--t", type=int, nargs="+", default=[100])
     ap.add_argument("--group", type=int, default=4, help="queries per pass over the store")
-    ap.add_argument("--budget", default="3G", help="memory budget of the exact scorer")
+    ap.add_argument("--budget", default="4G", help="memory budget of the exact scorer")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     if args.stage == "store":

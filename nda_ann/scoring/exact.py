@@ -72,6 +72,7 @@ class ExactResult:
     weights: list[float]
     device: str
     kept_maps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    mass: np.ndarray | None = None  # (T, Q, N) with keep_mass: each image's softmax mass (the score without topk)
 
     def mean_scores(self) -> np.ndarray:
         """(Q, N): the default summary over timesteps."""
@@ -122,6 +123,7 @@ def exact_attribution(
     maps_for: int | None = None,
     memory_budget: int | str = "1G",
     progress: bool = False,
+    keep_mass: bool = False,
 ) -> ExactResult:
     """Exact NDA scores of ``queries`` against ``corpus`` (N, C, H, W), a Store or a store's path.
 
@@ -129,7 +131,8 @@ def exact_attribution(
     folders, PIL images, uint8 arrays, a list of these; see ``as_queries``).
 
     Returns an ExactResult whose ``scores`` are (T, Q, N) float64; ``maps_for=K`` also keeps the
-    per-pixel contribution maps of the top K images of each query, at each timestep and by mean.
+    per-pixel contribution maps of the top K images of each query, at each timestep and by mean;
+    ``keep_mass`` also keeps each image's softmax mass without topk (``mass``, (T, Q, N)).
     """
     view = CorpusView(corpus)
     q_images = as_queries(queries, view)
@@ -152,6 +155,7 @@ def exact_attribution(
     log.info("exact scorer: %d queries x %d images, scales %s, on %s", nq, n, [str(s) for s in scale_list], describe_device(dev))
 
     scores = np.zeros((len(ts), nq, n), dtype=np.float64)
+    masses = np.zeros_like(scores) if keep_mass else None
     log_norms: dict[tuple[int, int, Scale], torch.Tensor] = {}
     bar = tqdm(total=len(ts) * noise_draws * len(scale_list) * n, unit="img", disable=not progress, desc="exact")
     for ti, t in enumerate(ts):
@@ -162,24 +166,26 @@ def exact_attribution(
             for sc, w in zip(scale_list, weights):
                 qp = extract_patches(noisy, sc)
                 step = chunk_size(nq, groups[sc], dtype, budget)
-                one_pass = nq * npos[sc] * n * torch.finfo(dtype).bits // 8 <= budget
+                one_pass = nq * npos[sc] * n * torch.finfo(dtype).bits // 8 * (2 if keep_mass and topk else 1) <= budget
 
-                per_image, log_z = scan_corpus(view, qp, sc, groups[sc], s, inv, topk, step, one_pass, bar)
+                per_image, log_z, mass = scan_corpus(view, qp, sc, groups[sc], s, inv, topk, step, one_pass, bar, keep_mass)
                 log_norms[(ti, d, sc)] = log_z
                 scores[ti] += (w / noise_draws) * per_image.double().cpu().numpy()
+                if keep_mass:
+                    masses[ti] += (w / noise_draws) * mass.double().cpu().numpy()
     bar.close()
 
-    result = ExactResult(scores, ts, scale_list, weights, describe_device(dev))
+    result = ExactResult(scores, ts, scale_list, weights, describe_device(dev), mass=masses)
     if maps_for:
         _keep_maps(result, view, q_images, sched, groups, log_norms, seed, noise_draws, topk, dev, dtype, int(maps_for))
     return result
 
 
 def scan_corpus(view: CorpusView, qp: torch.Tensor, sc: Scale, groups: list, s: float, inv: float, topk: int | None,
-                step: int, one_pass: bool, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+                step: int, one_pass: bool, bar=None, with_mass: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Every query patch qp (Q, L, D) against every same-layout patch of the corpus, in chunks of
     ``step`` images: (per_image (Q, N) sum over positions of each image's softmax mass, log_z (Q, L)
-    log normalisers). ``one_pass`` keeps the (Q, L, N) masses between the passes (they fit the
+    log normalisers, and with ``with_mass`` the per-image masses without topk (Q, N), else None). ``one_pass`` keeps the (Q, L, N) masses between the passes (they fit the
     budget); otherwise a second pass recomputes them under the final normaliser."""
     n = view.count
     chunks = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
@@ -191,28 +197,39 @@ def scan_corpus(view: CorpusView, qp: torch.Tensor, sc: Scale, groups: list, s: 
     scan = MassScan(qp, groups, inv, max_logits(qp, images(0, min(SHIFT_SAMPLE, n)), sc, groups, inv), topk, sc, screened)
     z = torch.zeros(qp.shape[:2], dtype=torch.float64, device=qp.device)
     kept: list[torch.Tensor] = []
+    kept_full: list[torch.Tensor] = []
     for lo, hi in chunks:
         full, agg, rescale = scan.add(images(lo, hi))
         if rescale is not None:
             z *= rescale.double()
             kept = [a * rescale[..., None] for a in kept]
+            kept_full = [a * rescale[..., None] for a in kept_full]
         z += full.sum(-1, dtype=torch.float64)
         if one_pass:
             kept.append(agg)
+            if with_mass and agg is not full:
+                kept_full.append(full)
             if bar is not None:
                 bar.update(hi - lo)
     log_z = z.log() + scan.shift.double()  # (Q, L)
     norm = torch.exp(scan.shift.double() - log_z).to(qp.dtype)[..., None]  # (Q, L, 1)
+    mass = None
     if one_pass:
         per_image = torch.cat([(a * norm).sum(1) for a in kept], dim=-1)
+        if with_mass:
+            mass = per_image if not kept_full else torch.cat([(a * norm).sum(1) for a in kept_full], dim=-1)
     else:
         final = MassScan(qp, groups, inv, log_z.to(qp.dtype), topk, sc, screened)  # shift = log Z: masses come out normalised
         per_image = torch.empty((qp.shape[0], n), dtype=qp.dtype, device=qp.device)
+        mass = torch.empty_like(per_image) if with_mass else None
         for lo, hi in chunks:
-            per_image[:, lo:hi] = final.add(images(lo, hi))[1].sum(1)
+            full, agg, _ = final.add(images(lo, hi))
+            per_image[:, lo:hi] = agg.sum(1)
+            if mass is not None:
+                mass[:, lo:hi] = full.sum(1)
             if bar is not None:
                 bar.update(hi - lo)
-    return per_image, log_z.to(qp.dtype)
+    return per_image, log_z.to(qp.dtype), mass
 
 
 def _keep_maps(result: ExactResult, view: CorpusView, q_images: torch.Tensor, sched: NoiseSchedule, groups: dict, log_norms: dict, seed: int, noise_draws: int, topk: int | None, dev: torch.device, dtype: torch.dtype, k: int) -> None:
