@@ -43,7 +43,8 @@ def _setup(rng, n=12, size=10, scale=Scale(5), sigma2=0.1, dtype=torch.float64):
     images = torch.from_numpy(smooth_images(rng, n, c=3, size=size)).to(dtype) * 0.95
     query = images[3:4] * 0.97 + 0.05
     groups = layout_groups(size, scale)
-    qp = extract_patches(query + math.sqrt(sigma2) * torch.randn_like(query), scale)
+    noise = torch.from_numpy(rng.normal(size=tuple(query.shape))).to(dtype)
+    qp = extract_patches(query + math.sqrt(sigma2) * noise, scale)
     return qp, images, groups, 1.0 / (2 * sigma2)
 
 
@@ -71,8 +72,9 @@ def test_masses_equal_the_log_domain_kernel_whatever_the_shift(rng, screened, dt
         z = full.sum(-1, keepdim=True)  # each position's normaliser, in the shifted units
         tol = 1e-12 if dtype == torch.float64 else 1e-4  # float32 logits carry ~3e-5 absolute rounding
         assert torch.all((full - torch.exp(full_ref - shift)).abs() <= tol * z)
-        # topk sums: exact to a tiny share of the normaliser (rows whose terms all lie below TOPK_TAU keep their full sum)
-        assert torch.all((agg - torch.exp(agg_ref - shift)).abs() <= tol * z)
+        # topk sums: exact to a tiny share of the normaliser: a row left at its full sum holds at most topk terms
+        # above TOPK_TAU, so it is off by at most V * TOPK_TAU (V = 36 positions here)
+        assert torch.all((agg - torch.exp(agg_ref - shift)).abs() <= max(tol, 36 * TOPK_TAU) * z)
         assert torch.all(scan.shift >= best - 60.0)  # raised where it started far below the maximum
 
 

@@ -100,6 +100,58 @@ def stage_store(work: Path, corpus: str, size: str, workers: int) -> None:
     print(f"store {corpus} {size}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def fidelity_path(work: Path, corpus: str, size: str, t: int) -> Path:
+    return Path(work) / "fidelity" / f"{corpus}-{size}-t{t}.json"
+
+
+def stage_fidelity(work: Path, corpus: str, size: str, t: int, index: Path, configs: list[dict], repeat: bool = False) -> None:
+    """The index path against exact on the queries scored exactly, one row per settings in ``configs``
+    (keyword arguments of ``Attributor.attribute``), each query attributed alone (what a user waits for)."""
+    from bench_attribute import summarize
+    from warm import warm_page_cache
+
+    from nda_ann import Attributor
+    from nda_ann.atomic import write_json_atomic
+
+    done, exact = load_exact(work, corpus, size, t)
+    if not done:
+        raise SystemExit(f"no exact scores for {corpus} {size} t={t}: run the exact stage first")
+    _, mass = load_exact(work, corpus, size, t, kind="mass")
+    images, names, kinds = queries(work, corpus)
+    att = Attributor.open(index)
+    warm_page_cache([Path(index), *att.searcher.store_paths()])
+    path = fidelity_path(work, corpus, size, t)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    for cfg in configs:
+        key = {"index": Path(index).name, **cfg}
+        if not repeat and any(r["key"] == key for r in rows):
+            continue
+        att.attribute(images[done[0] : done[0] + 1], t, **cfg)  # warm-up
+        scores, secs, recs = [], [], []
+        for i, q in enumerate(done):
+            t0 = time.perf_counter()
+            res = att.attribute(images[q : q + 1], t, **cfg)
+            secs.append(time.perf_counter() - t0)
+            scores.append(res.scores[0, 0])
+            cand = res.candidate_ids.get((0, 0), np.zeros(0, dtype=np.int64))
+            held = float(mass[i][cand].sum())
+            best = float(np.sort(mass[i])[::-1][: len(cand)].sum())
+            total = float(mass[i].sum())
+            rec = res.rounds.get((0, 0))
+            recs.append({"m": len(cand), "est_outside": float(res.outside_mass[0, 0].mean()), "true_outside": 1 - held / total,
+                         "recall": held / best if best > 0 else 1.0, "met": bool(rec.met) if rec else None, "kind": kinds[q]})
+        scores = np.stack(scores)
+        row = {"key": key, "queries": [names[q] for q in done], "s_per_query": secs, "per_query": recs,
+               **summarize(scores, exact)}
+        for kind in sorted(set(kinds[q] for q in done)):
+            sel = [i for i, q in enumerate(done) if kinds[q] == kind]
+            if len(sel) < len(done):
+                row[f"by_kind_{kind}"] = summarize(scores[sel], exact[sel])
+        rows = [r for r in rows if r["key"] != key] + [row]
+        write_json_atomic(path, rows)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("per_query", "queries")}), flush=True)
+
+
 def stage_status(work: Path) -> None:
     for corpus in ("crops", "photos"):
         for size in SIZES:
@@ -111,7 +163,10 @@ def stage_status(work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["store", "exact", "status"])
+    ap.add_argument("stage", choices=["store", "exact", "fidelity", "status"])
+    ap.add_argument("--index", type=Path, default=None, help="fidelity: the index to attribute through")
+    ap.add_argument("--configs", type=json.loads, default=[{}], help="fidelity: JSON list of Attributor.attribute settings")
+    ap.add_argument("--repeat", action="store_true", help="fidelity: measure again a settings row already recorded")
     ap.add_argument("--work", type=Path, default=ROOT / "results")
     ap.add_argument("--corpus", choices=["crops", "photos"], default="crops")
     ap.add_argument("--size", choices=list(SIZES), default="100k")
@@ -124,6 +179,9 @@ def main() -> None:
         stage_store(args.work, args.corpus, args.size, args.workers)
     elif args.stage == "exact":
         stage_exact(args.work, args.corpus, args.size, args.t, args.group, args.budget)
+    elif args.stage == "fidelity":
+        for t in args.t:
+            stage_fidelity(args.work, args.corpus, args.size, t, args.index, args.configs, args.repeat)
     else:
         stage_status(args.work)
 

@@ -245,6 +245,7 @@ class Attributor:
         result.outside_mass[ti, q] = out.outside
         result.candidates_used[ti, q] = len(cand)
         result.rounds[(ti, q)] = record
+        result.candidate_ids[(ti, q)] = cand
         return ids, vals, contrib
 
     def _pool(self, mass: np.ndarray, cap: int, noised: NoisedBlock, b: int, settings: AttributionSettings) -> np.ndarray:

@@ -26,6 +26,7 @@ class Attribution:
     scale_names: list[str] = field(default_factory=list)
     candidates_used: np.ndarray | None = None  # (T, Q): M, the number of images re-scored exactly
     rounds: dict[tuple[int, int], Any] = field(default_factory=dict)  # (t index, query) -> rounds.RoundsRecord
+    candidate_ids: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (t index, query) -> sorted ids re-scored
 
     def candidates_report(self) -> dict[str, Any]:
         """Per query and timestep: M re-scored, the estimated outside share, whether the target was met

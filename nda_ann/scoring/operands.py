@@ -87,6 +87,7 @@ class QueryOperand:
                  screened: bool = False):
         """queries (Q, L, D) noised patch vectors; shift (Q, L) in their dtype and device (kept, not copied)."""
         self.groups, self.inv, self.shift, self.screened = groups, inv, shift, screened
+        self.screen_rest = 0  # chunks left that skip the screen (masses._interior_screened)
         self.aug = torch.cat([queries * (2.0 * inv), torch.full_like(queries[..., :1], -inv),
                               (-inv * queries.square().sum(-1) - shift)[..., None]], -1)
         self.refresh()
