@@ -286,3 +286,47 @@ def test_queries_searched_in_blocks_score_as_one_at_a_time(crops, monkeypatch):
             top = alone.top(0, 1, timestep=t)[0][0]
             assert together.top(q, 1, timestep=t)[0][0] == top
             np.testing.assert_allclose(together.heatmap(q, top, timestep=t), alone.heatmap(0, top, timestep=t), rtol=1e-5, atol=1e-7)
+
+
+def test_a_huge_k_is_clipped_and_bad_requests_get_clear_errors(crops):
+    """Issue 14: k far beyond what the index holds is clipped to what a layout class holds (and to a bounded
+    amount of work per query), not allocated; no timesteps, a repeated timestep, a query or timestep not in
+    the result are named."""
+    corpus, queries = crops
+    att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
+    got = att.attribute(queries, 100, k=10**8, candidates=4, maps=0)
+    held = len(corpus) * max(len(g) for g in att.groups[Scale(3)])
+    assert got.settings["k"] == min(held, att.max_k()) < 10**8
+    want = att.attribute(queries, 100, k=held, candidates=4, maps=0)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    assert att.max_k() < 10**8 and Attributor(TorchFlatSearch(corpus, [3]), corpus, [3]).max_k(draws=4) <= att.max_k()
+    with pytest.raises(ValueError, match="at least one timestep"):
+        att.attribute(queries, [])
+    with pytest.raises(ValueError, match="duplicate timesteps"):
+        att.attribute(queries, [100, 100])
+    with pytest.raises(IndexError, match="holds 2 queries"):
+        got.top(5, 3)
+    with pytest.raises(KeyError, match="timestep 300 was not attributed"):
+        got.top(0, 3, timestep=300)
+
+
+def test_where_m_is_half_the_corpus_every_image_is_rescored_without_a_search(crops):
+    """Issue 14, item 12: with M >= N / 2 the two-stage path would search, sample and re-score most of the
+    corpus anyway; it re-scores every image instead (no search call), and its scores are the exact ones."""
+    corpus, queries = crops
+
+    class Counting(TorchFlatSearch):
+        calls = 0
+
+        def search(self, *a, **kw):
+            Counting.calls += 1
+            return super().search(*a, **kw)
+
+    att = Attributor(Counting(corpus, [3]), corpus, [3])
+    got = att.attribute(queries, [100, 300], candidates=len(corpus) // 2, topk=4, maps=2)
+    assert Counting.calls == 0
+    want = exact_scores(corpus, queries, timesteps=[100, 300], scales=[3], topk=4, precision="float32")
+    assert np.abs(got.scores - want).max() <= 1e-4 * want.max()
+    assert got.outside_mass.max() == 0 and (got.candidates_used == len(corpus)).all()
+    att.attribute(queries, 100, candidates=len(corpus) // 2 - 1, maps=0)
+    assert Counting.calls == len(queries)  # below half: the index is searched, once per query

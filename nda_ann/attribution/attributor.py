@@ -57,6 +57,11 @@ QUERY_BLOCK = 1
 # outside sample, which then cost more than they save (issue: 390 images, 325 s index path against
 # 190 s exact; BENCHMARKS.md "bench_attribute_speed" at 500 and 1,000 images).
 FULL_RESCORE_SHARE = 0.5
+# k-sized work of one query: float32 distance and two int64 ids from the search, float64 weights, known
+# logits and their ids and tail weights downstream (about 100 bytes per neighbour and query patch); k is
+# clipped so that it stays within MAX_K_BYTES (k = 20,971 at p = 7 on 32 x 32, one draw; default 1,024)
+K_WORK_BYTES = 100
+MAX_K_BYTES = 2 << 30
 
 
 class Attributor:
@@ -120,10 +125,14 @@ class Attributor:
             self._thumbs = corpus_thumbnails(self.corpus)
         return self._thumbs
 
-    def max_k(self) -> int:
-        """The most same-layout training patches any query patch can have: the corpus size times the
-        largest layout class (k is clipped to it, so a user's k never sizes an allocation beyond it)."""
-        return self.corpus.count * max(len(g) for groups in self.groups.values() for g in groups)
+    def max_k(self, draws: int = 1) -> int:
+        """The k a query can use: at most the same-layout training patches any query patch can have (the
+        corpus size times the largest layout class), and at most what keeps one query's k-sized work
+        (retrieved distances, ids, weights and logits, about K_WORK_BYTES per neighbour and query patch)
+        within MAX_K_BYTES. A user's k is clipped to it, so it never sizes an allocation beyond that."""
+        held = self.corpus.count * max(len(g) for groups in self.groups.values() for g in groups)
+        patches = draws * sum(sc.grid(self.size) ** 2 for sc in self.scales)
+        return int(max(1, min(held, MAX_K_BYTES // (K_WORK_BYTES * patches))))
 
     def attribute(
         self,
@@ -170,9 +179,10 @@ class Attributor:
             noise_draws=noise_draws, schedule=schedule, mode=mode, thumbnail_share=thumbnail_share,
             outside_sample=outside_sample, precision=precision, maps=maps, tail=tail, rerank=rerank,
             max_outside=max_outside, time_budget=time_budget)
-        if settings.k > self.max_k():
-            log.warning("k = %d clipped to %d: no query patch has more same-layout training patches", settings.k, self.max_k())
-            settings.k = self.max_k()
+        if settings.k > self.max_k(settings.noise_draws):
+            log.warning("k = %d clipped to %d (the most same-layout training patches a query patch has, within %d GiB of "
+                        "work per query)", settings.k, self.max_k(settings.noise_draws), MAX_K_BYTES >> 30)
+            settings.k = self.max_k(settings.noise_draws)
         weights = scale_weights(self.scales, alpha)
         dtype = resolve_dtype(precision)
         ts = settings.timesteps

@@ -116,12 +116,27 @@ class QueryOperand:
         self.shift[q_idx, pos] += delta
 
 
-def _with_norms(vec: torch.Tensor, augment: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """vec (..., D) -> ([vec, ||vec||^2, 1], None) when augmented, else (vec, ||vec||^2 (...,))."""
-    norms = torch.linalg.vector_norm(vec, dim=-1, keepdim=True).square_()
+def _with_norms(vec: torch.Tensor, norms: torch.Tensor, augment: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """vec (..., D), norms (...,) its squared norms -> ([vec, ||vec||^2, 1], None) when augmented, else (vec, norms)."""
     if augment:
-        return torch.cat([vec, norms, torch.ones_like(norms)], -1), None
-    return vec.contiguous(), norms[..., 0]
+        out = torch.empty(vec.shape[:-1] + (vec.shape[-1] + 2,), dtype=vec.dtype, device=vec.device)
+        out[..., :-2] = vec
+        out[..., -2] = norms
+        out[..., -1] = 1.0
+        return out, None
+    return vec.contiguous(), norms
+
+
+def patch_norms(images: torch.Tensor, scale: Scale, padded: bool) -> torch.Tensor:
+    """(n, G, G) squared norms of the patch vectors at every position (``padded``: 'same' padding, all
+    positions; else the interior positions only): a box sum of squared (block-summed) pixels, far cheaper
+    than reducing the cut patches."""
+    r, f, m = scale.pad, scale.factor, scale.patch // scale.factor
+    x = F.pad(images, (r, r, r, r)) if padded else images
+    if f > 1:
+        x = F.avg_pool2d(x, f, stride=1) * f
+    ones = torch.ones((1, x.shape[1], m, m), dtype=x.dtype, device=x.device)
+    return F.conv2d(x.square(), ones, dilation=f)[:, 0]
 
 
 @dataclass
@@ -152,12 +167,13 @@ class CandidateOperand:
             f, m = scale.factor, scale.patch // scale.factor
             pooled = images if f == 1 else F.avg_pool2d(images, f, stride=1) * f  # block sums / f
             cols = F.unfold(pooled, m, dilation=f).transpose(1, 2)  # (n, V, D): the patches wholly inside, row-major
-            interior, out.interior_norms = _with_norms(cols, rows * len(groups[gi]) > dim)
+            norms = patch_norms(images, scale, padded=False).view(n, -1)  # (n, V)
+            interior, out.interior_norms = _with_norms(cols, norms, rows * len(groups[gi]) > dim)
             out.interior = interior.view(n * cols.shape[1], -1)
             if out.interior_norms is not None:
-                out.interior_norms = out.interior_norms.view(-1)
+                out.interior_norms = out.interior_norms.reshape(-1)
             if screened and screens(groups, dim):
-                norms = torch.linalg.vector_norm(cols, dim=-1, keepdim=True).square_()
+                norms = norms[..., None]
                 hi, lo = _split(-inv * norms)
                 one = torch.ones_like(hi)
                 out.screen = torch.cat([cols.to(torch.bfloat16), one, one, hi, lo], -1).view(-1, dim + 4)
@@ -166,12 +182,13 @@ class CandidateOperand:
         if batches:
             view = patch_view(images, scale)  # (n, G, G, C, m, m)
             grid = view.shape[1]
+            all_norms = patch_norms(images, scale, padded=True)  # (n, G, G)
             img = torch.arange(n, device=images.device)[None, :, None]
             for batch in batches:
                 k, u = len(batch), len(groups[batch[0]])
                 pos = torch.stack([groups[i].positions for i in batch]).to(images.device)[:, None, :]  # (k, 1, u)
                 vec = view[img, pos // grid, pos % grid].reshape(k, n * u, dim)  # gathered batch-major
-                b, norms = _with_norms(vec, rows * u > dim)
+                b, norms = _with_norms(vec, all_norms[img, pos // grid, pos % grid].reshape(k, n * u), rows * u > dim)
                 out.border.append(b)
                 out.border_norms.append(norms)
         return out
