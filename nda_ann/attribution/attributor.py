@@ -158,6 +158,7 @@ class Attributor:
         progress: bool = False,
         max_outside: float | None = None,
         time_budget: float | None = None,
+        allow_resize: bool = True,
     ) -> Attribution:
         """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
 
@@ -167,11 +168,17 @@ class Attributor:
         non-candidates by their retrieved patches; ``candidates`` None means
         ``default_candidates(sigma^2)`` per timestep; ``rerank`` > 1 re-ranks a pool of rerank x M
         candidates (rerank.py); ``outside_sample`` (None: 512) non-candidate images, one position each
-        per layout class, estimate the non-candidates' share of the normaliser.
+        per layout class, estimate the non-candidates' share of the normaliser. ``max_outside`` F and / or
+        ``time_budget`` S (seconds per query): re-score candidates in rounds until the estimated share
+        outside them is below F or the time is spent (rounds.py; ``candidates`` then caps M);
+        ``result.rounds`` says per query and timestep what was reached. Query images of another size are
+        resized as the training images were, and listed in ``settings["resized_queries"]``
+        (``allow_resize=False`` refuses them).
         """
-        from ..corpus.queries import load_queries
+        from ..corpus.queries import load_query_batch
 
-        queries, qnames = load_queries(images, self.corpus.shape, names=names)
+        batch = load_query_batch(images, self.corpus.shape, names=names, allow_resize=allow_resize)
+        queries, qnames = batch.images, batch.names
         check_compatible(queries, self.corpus.shape, "index")
         sched = NoiseSchedule(schedule)
         settings = AttributionSettings.create(
@@ -187,7 +194,8 @@ class Attributor:
         dtype = resolve_dtype(precision)
         ts = settings.timesteps
         m_per_t = [settings.candidates_at(t, sched) for t in ts]
-        record = {**settings.record(), "candidates_per_timestep": m_per_t, "index_id": self.index_id}
+        record = {**settings.record(), "candidates_per_timestep": m_per_t, "index_id": self.index_id,
+                  "resized_queries": batch.resized}
         result = Attribution(self.corpus.count, ts, qnames, self.sources, record, describe_device(self.device), scale_names=[str(s) for s in self.scales])
         result.outside_mass = np.zeros((len(ts), len(qnames), len(self.scales)))
         result.candidates_used = np.zeros((len(ts), len(qnames)), dtype=np.int64)
