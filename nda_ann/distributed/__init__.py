@@ -4,7 +4,7 @@ Modules: cluster (connect, deadlines, errors), build (shard ranges as Ray tasks)
 in Ray tasks), placement (which actor holds which shards and images), actors (ShardActor), pool
 (the actors of one index, byte counts), searcher (RaySearcher: fan-out and merge), corpus
 (RemoteCorpus: pixels from the actors), open (open_ray_attributor). Ray is imported only when one
-of them is used, so ``import nda_ann`` works without it. Tests: tests/test_ray.py; benchmark:
+of them is used, so ``import nda_ann`` works without it. Tests: tests/distributed/test_ray.py; benchmark:
 tools/bench_ray.py.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Modules: layout_ids (classes, stride rule, id space), factory (index choice), plan (per-scale plan),
 train (templates), shard (streamed adds), build (build / add, staged and resumable), manifest (folder
 layout, checks), search (PatchIndex), info (summary), recipe (build settings files), gpu, phases
-(estimates and timing logs). Tests: tests/test_index_build.py, tests/test_index_search.py; benchmark:
+(estimates and timing logs). Tests: tests/index/test_index_build.py, tests/index/test_index_search.py; benchmark:
 tools/bench_build.py.
 """
 from .build import add_to_index, build_index

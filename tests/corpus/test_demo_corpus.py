@@ -18,7 +18,7 @@ from nda_ann.corpus.demo_corpus import Crop, _cut, demo_corpus, load_photos, pho
 if importlib.util.find_spec("skimage") is None:
     pytest.skip("the demo photographs ship with scikit-image", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_photos_split_into_complementary_regions():

@@ -26,7 +26,7 @@ from nda_ann.corpus.store import Store
 ingest_mod = importlib.import_module("nda_ann.corpus.ingest")  # the package exports a function of the same name
 
 R = 8
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(src, store, **kw) -> Store:

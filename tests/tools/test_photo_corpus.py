@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 skdata = pytest.importorskip("skimage.data", reason="the test photographs ship with scikit-image")
 from click.testing import CliRunner  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import make_photo_corpus  # noqa: E402
 import photo_corpus as pc  # noqa: E402
