@@ -105,7 +105,7 @@ class Rescoring:
         """Re-score the images ``ids`` (none re-scored before), each read once for every (draw, scale)."""
         ids = np.asarray(ids, dtype=np.int64)
         for lo in range(0, len(ids), self.step):
-            imgs = self.corpus.take(ids[lo : lo + self.step]).to(self.device, self.dtype) * self.s
+            imgs = self.corpus.images_on(ids[lo : lo + self.step], self.device, self.dtype) * self.s
             for scan in self.scans.values():
                 scan.add(imgs)
         self.order.append(ids)

@@ -45,6 +45,29 @@ class CorpusView:
             return self.tensor[lo:hi].to(torch.float32)
         return self.take(np.arange(lo, hi))
 
+    def pixels(self, ids: Sequence[int] | np.ndarray) -> np.ndarray | None:
+        """(n, H, W, C) uint8 pixels of global ids (n,), in that order (None for a float tensor corpus)."""
+        if self.tensor is not None:
+            return None
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.shape[1], self.shape[2], self.shape[0]), dtype=np.uint8)
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        for k, store in enumerate(self.stores):
+            sel = np.nonzero(which == k)[0]
+            if len(sel):
+                local = ids[sel] - self.offsets[k]
+                order = np.argsort(local, kind="stable")  # sorted reads are kinder to the page cache
+                out[sel[order]] = store.images[local[order]]
+        return out
+
+    def images_on(self, ids: Sequence[int] | np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(n, C, H, W) images of ids in [-1, 1] on ``device`` in ``dtype``. To a GPU the uint8 pixels
+        travel (a quarter of float32's bytes) and are converted there."""
+        if device.type == "cpu" or self.tensor is not None:
+            return self.take(ids).to(device, dtype)
+        u8 = torch.from_numpy(self.pixels(ids)).to(device, non_blocking=True)
+        return u8.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
+
     def take(self, ids: Sequence[int] | np.ndarray) -> torch.Tensor:
         """(len(ids), C, H, W) float32 images of the given global ids, in that order."""
         ids = np.asarray(ids, dtype=np.int64)

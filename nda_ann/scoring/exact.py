@@ -191,7 +191,7 @@ def scan_corpus(view: CorpusView, qp: torch.Tensor, sc: Scale, groups: list, s: 
     chunks = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
     def images(lo: int, hi: int) -> torch.Tensor:
-        return view.rows(lo, hi).to(qp.device, qp.dtype) * s
+        return view.images_on(np.arange(lo, hi), qp.device, qp.dtype) * s
 
     screened = kernel_path(qp.device, qp.dtype) == "screened"
     scan = MassScan(qp, groups, inv, max_logits(qp, images(0, min(SHIFT_SAMPLE, n)), sc, groups, inv), topk, sc, screened)

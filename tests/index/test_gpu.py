@@ -31,3 +31,21 @@ def test_torch_search_and_rescoring_on_cuda_match_cpu():
         att = Attributor(TorchFlatSearch(corpus, [5], device=dev), corpus, [5], device=dev)
         res[dev] = att.attribute(q, 100, k=64, candidates=10, precision="float64").scores
     np.testing.assert_allclose(res["cuda"], res["cpu"], rtol=1e-5, atol=1e-8 * res["cpu"].max())
+
+
+def test_float32_exact_on_cuda_agrees_with_the_float64_cpu_reference_within_1e_4():
+    """The float32 kernel on the GPU (the bfloat16 screen on GPUs of compute capability 8 and above) against
+    the float64 reference, from a store streamed as uint8."""
+    from nda_ann.corpus.store import write_store
+
+    import tempfile
+    from pathlib import Path
+
+    g = torch.Generator().manual_seed(3)
+    u8 = (torch.rand((40, 16, 16, 3), generator=g) * 255).to(torch.uint8).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_store(Path(tmp) / "s", u8)
+        q = _images(2, 4)
+        ref = exact_scores(store, q, timesteps=[100], scales=[7], topk=10, device="cpu", precision="float64")
+        gpu = exact_scores(store, q, timesteps=[100], scales=[7], topk=10, device="cuda", precision="float32")
+    assert np.abs(gpu - ref).max() <= 1e-4 * ref.max()
