@@ -159,6 +159,7 @@ class Attributor:
         max_outside: float | None = None,
         time_budget: float | None = None,
         allow_resize: bool = True,
+        outside_estimator: str = "images",
     ) -> Attribution:
         """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
 
@@ -185,7 +186,7 @@ class Attributor:
             timesteps, sched, k=k, candidates=candidates, nprobe=nprobe, topk=topk, alpha=alpha, seed=seed,
             noise_draws=noise_draws, schedule=schedule, mode=mode, thumbnail_share=thumbnail_share,
             outside_sample=outside_sample, precision=precision, maps=maps, tail=tail, rerank=rerank,
-            max_outside=max_outside, time_budget=time_budget)
+            max_outside=max_outside, time_budget=time_budget, outside_estimator=outside_estimator)
         if settings.k > self.max_k(settings.noise_draws):
             log.warning("k = %d clipped to %d (the most same-layout training patches a query patch has, within %d GiB of "
                         "work per query)", settings.k, self.max_k(settings.noise_draws), MAX_K_BYTES >> 30)
@@ -242,10 +243,11 @@ class Attributor:
         first = min(ADAPTIVE_FIRST, len(pool)) if settings.adaptive and hits is not None else len(pool)
         cand0 = np.sort(pool[:first])
         known = known_of(cand0)
+        hint = None if hits is None else self._shift_hint(hits, known, s, sigma2)
         sampled = {} if hits is None else sample_outside(
             self.corpus, cand0, known, patches, self.groups, self.scales, s, sigma2, settings.outside_sample,
-            (settings.seed, noised.t), mass, GUIDE_SHARE, self.budget)
-        hint = None if hits is None else self._shift_hint(hits, known, s, sigma2)
+            (settings.seed, noised.t), mass, GUIDE_SHARE, self.budget, settings.outside_estimator, hint,
+            Rescoring.chunk(self.groups, self.scales, dtype, self.budget))
         if settings.adaptive and hits is not None:
             res = Rescoring(self.corpus, patches, self.groups, self.scales, weights, draws, s, sigma2, settings.topk, self.budget, hint)
             known, record = grow(res, pool, first, known_of, sampled, settings.max_outside, deadline)

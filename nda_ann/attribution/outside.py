@@ -187,17 +187,30 @@ def sample_pairs(
 
 
 def sample_outside(corpus, cand: np.ndarray, known: dict, patches: dict, groups: dict, scales: list, s: float, sigma2: float,
-                   size: int, seed: tuple[int, int], mass: np.ndarray, guide_share: float, budget: int) -> dict:
+                   size: int, seed: tuple[int, int], mass: np.ndarray, guide_share: float, budget: int,
+                   estimator: str = "images", hints: dict | None = None, step: int = 64) -> dict:
     """Per (draw, scale): the ``OutsideSample`` estimating the non-candidates' patches not counted in
     ``known`` (known.py), from ``size`` sampled images; {} when there is nothing to estimate.
+    ``estimator`` "images" scores each sampled image at every position (outside_images.py; ``hints``
+    per (draw, scale) (L,) lower bounds of each position's largest logit, ``step`` images a chunk),
+    "pairs" one position of each per layout class (``sample_pairs``).
     The draws depend only on (seed, t, draw, scale), not on the query's place in its batch.
     ``patches``: the query's (1, L, D) noised patch vectors per (draw, scale)."""
+    from .outside_images import sample_images
+
     if size <= 0 or len(cand) >= corpus.count:
         return {}
+    if estimator not in ("images", "pairs"):
+        raise ValueError(f"outside estimator must be 'images' or 'pairs', got {estimator!r}")
     guide = Guide(corpus.count, cand, mass, guide_share)
     out = {}
     for (d, sc), qp in patches.items():
-        _, img, pos = known[(d, sc)]
         rng = np.random.default_rng([*seed, d, scales.index(sc)])
-        out[(d, sc)] = sample_pairs(corpus, qp[0], groups[sc], sc, s, 1.0 / (2.0 * sigma2), img, pos, size, guide, rng, budget)
+        inv = 1.0 / (2.0 * sigma2)
+        if estimator == "images":
+            hint = None if hints is None else hints.get((d, sc))
+            out[(d, sc)] = sample_images(corpus, qp, groups[sc], sc, s, inv, known[(d, sc)], size, guide, rng, step, hint)
+        else:
+            _, img, pos = known[(d, sc)]
+            out[(d, sc)] = sample_pairs(corpus, qp[0], groups[sc], sc, s, inv, img, pos, size, guide, rng, budget)
     return out

@@ -90,8 +90,13 @@ class Rescoring:
                       for sc in scales for d in range(draws)}
         some = next(iter(patches.values()))
         self.device, self.dtype = some.device, some.dtype
-        self.step = min(chunk_size(1, groups[sc], self.dtype, budget) for sc in scales)
+        self.step = self.chunk(groups, scales, self.dtype, budget)
         self.order: list[np.ndarray] = []
+
+    @staticmethod
+    def chunk(groups: dict[Scale, list[LayoutGroup]], scales: list[Scale], dtype: torch.dtype, budget: int) -> int:
+        """Images re-scored at once for one query within ``budget``."""
+        return min(chunk_size(1, groups[sc], dtype, budget) for sc in scales)
 
     @property
     def count(self) -> int:

@@ -71,6 +71,7 @@ class AttributionSettings:
     maps: int = 8
     tail: bool = True
     rerank: int = DEFAULT_RERANK
+    outside_estimator: str = "images"  # "images": each sampled image at every position; "pairs": one position each
     max_outside: float | None = None  # re-score in rounds until the estimated outside share is below it
     time_budget: float | None = None  # seconds per query (all timesteps) for those rounds
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -106,6 +107,8 @@ class AttributionSettings:
         if isinstance(outside_sample, bool) or int(outside_sample) != outside_sample or outside_sample < 0:
             raise ValueError(f"outside_sample must be a non-negative integer, got {outside_sample!r}")
         rerank = _positive_int("rerank", DEFAULT_RERANK if rerank is None else rerank)
+        if kw.get("outside_estimator", "images") not in ("images", "pairs"):
+            raise ValueError(f"outside_estimator must be 'images' or 'pairs', got {kw['outside_estimator']!r}")
         target, budget = kw.get("max_outside"), kw.get("time_budget")
         if target is not None and not 0.0 < float(target) <= 1.0:
             raise ValueError(f"max_outside is a share of the normaliser, in (0, 1]; got {target!r}")
