@@ -25,14 +25,13 @@ BROAD_SIGMA2 = 0.3
 # at t = 100, M = 200 (BENCHMARKS.md, "rerank_5000"), x 4 moved subset-sum Spearman 0.945 -> 0.960 but
 # top-10 overlap 0.87 -> 0.85, for 55% more dense work.
 DEFAULT_RERANK = 1
-# non-candidate images sampled per query, scale and noise draw (one position of each per layout
-# class) to estimate the non-candidates' share of the normaliser (outside.py), half of them drawn
-# towards the images whose patches were retrieved (GUIDE_SHARE). Measured (BENCHMARKS.md
-# "outside_5000", "outside_100k", "defaults_t300_5000"): on 5,000 crops at t = 300,
-# M = 500 top-10 overlap 0.87 -> 0.98 against the earlier 32-image sample (oracle normaliser: 1.00),
-# the same from 512 to 8,192 images; 18 queries at M = 1,000: 0.96 / 0.922 at 512 and 2,048 alike.
-# About 0.03 s per query at 512 (0.1 s at 2,048).
-DEFAULT_OUTSIDE_SAMPLE = 512
+# non-candidate images sampled per query, scale and noise draw to estimate the non-candidates' share of
+# the normaliser, half of them drawn towards the images whose patches were retrieved (GUIDE_SHARE). The
+# default estimator scores each sampled image at every position (outside_images.py), so a sampled image
+# costs about what a re-scored candidate does. Measured at 100k crops (million recipe, M = 300): mean
+# error of the estimated outside share -0.12 with 64 images, -0.05 with 256, against -0.16 for the earlier
+# pair sampler's 512 (docs/benchmarks/outside.md).
+DEFAULT_OUTSIDE_SAMPLE = 128
 GUIDE_SHARE = 0.5
 # rounds (rounds.py): the first round's candidates, and the most a query may reach when neither
 # ``candidates`` nor the corpus size caps it

@@ -37,7 +37,7 @@ def _common(f):
         click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed (default: the index's)."),
         click.option("--mode", type=click.Choice(["rescore", "fast"]), default="rescore", show_default=True, help="fast: truncated softmax over the K retrieved patches only."),
         click.option("--rerank", type=click.IntRange(min=1), default=None, help="Re-rank a pool of RERANK x M images by exact mass at a subset of query positions (default 1 = off; measured in BENCHMARKS.md)."),
-        click.option("--outside-sample", type=click.IntRange(min=0), default=None, help="Non-candidate images sampled (one position each per layout class) to estimate the mass outside the M (default 512; 0: only the retrieved patches count)."),
+        click.option("--outside-sample", type=click.IntRange(min=0), default=None, help="Non-candidate images sampled, each scored at every position, to estimate the mass outside the M (default 128; 0: only the retrieved patches count)."),
         click.option("--max-outside", type=click.FloatRange(0, 1, min_open=True), default=None, help="Re-score candidates in rounds until the estimated share of the softmax mass outside them is below this (e.g. 0.3); --candidates then caps M (default 20,000)."),
         click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds per query image (all timesteps) for those rounds: stop when the next round would not fit."),
         click.option("--tail/--no-tail", default=None, help="Score non-candidates by the weights of their retrieved patches (default on; --no-tail scores them 0 as docs/scores.md section 5)."),
