@@ -152,6 +152,21 @@ def stage_fidelity(work: Path, corpus: str, size: str, t: int, index: Path, conf
         print(json.dumps({k: v for k, v in row.items() if k not in ("per_query", "queries")}), flush=True)
 
 
+def oracle_rows(exact: np.ndarray, mass: np.ndarray, ms: list[int]) -> list[dict]:
+    """What M candidates can give at best: the exact scores of the exact top M by score (the rest 0),
+    against exact, and the share of the softmax mass the top M images hold."""
+    from bench_attribute import summarize
+
+    rows = []
+    for m in ms:
+        trunc = np.zeros_like(exact)
+        top = np.argsort(-exact, axis=1)[:, :m]
+        np.put_along_axis(trunc, top, np.take_along_axis(exact, top, 1), 1)
+        share = float(np.mean([np.sort(mq)[::-1][:m].sum() / mq.sum() for mq in mass]))
+        rows.append({"m": m, "mass_share": share, **summarize(trunc, exact)})
+    return rows
+
+
 def stage_status(work: Path) -> None:
     for corpus in ("crops", "photos"):
         for size in SIZES:
@@ -163,7 +178,7 @@ def stage_status(work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["store", "exact", "fidelity", "status"])
+    ap.add_argument("stage", choices=["store", "exact", "fidelity", "oracle", "status"])
     ap.add_argument("--index", type=Path, default=None, help="fidelity: the index to attribute through")
     ap.add_argument("--configs", type=json.loads, default=[{}], help="fidelity: JSON list of Attributor.attribute settings")
     ap.add_argument("--repeat", action="store_true", help="fidelity: measure again a settings row already recorded")
@@ -179,6 +194,12 @@ def main() -> None:
         stage_store(args.work, args.corpus, args.size, args.workers)
     elif args.stage == "exact":
         stage_exact(args.work, args.corpus, args.size, args.t, args.group, args.budget)
+    elif args.stage == "oracle":
+        for t in args.t:
+            done, exact = load_exact(args.work, args.corpus, args.size, t)
+            _, mass = load_exact(args.work, args.corpus, args.size, t, kind="mass")
+            for row in oracle_rows(exact, mass, [100, 200, 500, 1000, 2000, 5000, 10000]):
+                print(json.dumps({"t": t, "queries": len(done), **row}))
     elif args.stage == "fidelity":
         for t in args.t:
             stage_fidelity(args.work, args.corpus, args.size, t, args.index, args.configs, args.repeat)

@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 import click
@@ -147,20 +148,7 @@ def main(out_dir: Path, count: int, shard_size: int, seed: int, size: int, worke
     if len(todo) < len(jobs):
         click.echo(f"{len(jobs) - len(todo)} of {len(jobs)} shards already complete; skipping them", err=True)
     start = time.perf_counter()
-    done_rows = 0
-    with tqdm(total=sum(j[2] for j in todo), unit="img", desc="crops", file=sys.stderr) as bar:
-        if workers == 1:
-            for k, first, rows in todo:
-                make_shard(out_dir, seed, k, first, rows, size)
-                bar.update(rows)
-                done_rows += rows
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(make_shard, out_dir, seed, k, first, rows, size) for k, first, rows in todo]
-                for fut in as_completed(futures):
-                    _, rows, _ = fut.result()
-                    bar.update(rows)
-                    done_rows += rows
+    done_rows = run_shards(todo, partial(make_shard, out_dir, seed), workers, size)
     elapsed = time.perf_counter() - start
     if done_rows:
         click.echo(f"generated {done_rows} images in {elapsed:.1f} s ({done_rows / elapsed:.0f} images/s)", err=True)
@@ -171,6 +159,26 @@ def main(out_dir: Path, count: int, shard_size: int, seed: int, size: int, worke
         raise click.ClickException(f"{duplicates} duplicate images across shards; pick another --seed")
     write_json_atomic(mpath, {**manifest, "complete": True, "shards": [p.name for p in paths], "duplicates": duplicates})
     click.echo(f"{count} images in {len(paths)} shards under {out_dir}")
+
+
+def run_shards(todo: list[tuple[int, int, int]], make, workers: int, *args) -> int:
+    """Run ``make(k, first, rows, *args)`` for each (k, first, rows) of ``todo`` (in ``workers``
+    processes when more than one) with a progress bar; returns the rows made."""
+    done_rows = 0
+    with tqdm(total=sum(j[2] for j in todo), unit="img", desc="crops", file=sys.stderr) as bar:
+        if workers == 1 or len(todo) <= 1:
+            for k, first, rows in todo:
+                make(k, first, rows, *args)
+                bar.update(rows)
+                done_rows += rows
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(make, k, first, rows, *args) for k, first, rows in todo]
+                for fut in as_completed(futures):
+                    _, rows, _ = fut.result()
+                    bar.update(rows)
+                    done_rows += rows
+    return done_rows
 
 
 if __name__ == "__main__":

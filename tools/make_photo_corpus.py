@@ -24,8 +24,8 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import click
@@ -33,10 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_corpus import HF_FEATURES, ROW_GROUP, SCHEMA, check_distinct, encode_png, shard_complete, shard_path  # noqa: E402
+from make_corpus import HF_FEATURES, ROW_GROUP, SCHEMA, check_distinct, encode_png, run_shards, shard_complete, shard_path  # noqa: E402
 from nda_ann.atomic import atomic_file, write_json_atomic  # noqa: E402  (make_corpus put the package on the path)
 import photo_corpus as pc  # noqa: E402
 import photo_finder as pf  # noqa: E402
@@ -157,20 +156,7 @@ def main(out_dir: Path, count: int, shard_size: int, seed: int, size: int, worke
     if len(todo) < len(jobs):
         click.echo(f"{len(jobs) - len(todo)} of {len(jobs)} shards already complete; skipping them", err=True)
     start = time.perf_counter()
-    done_rows = 0
-    with tqdm(total=sum(j[2] for j in todo), unit="img", desc="crops", file=sys.stderr) as bar:
-        if workers == 1 or len(todo) <= 1:
-            for k, first, rows in todo:
-                make_shard(out_dir, seed, k, first, rows, size, digest)
-                bar.update(rows)
-                done_rows += rows
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(make_shard, out_dir, seed, k, first, rows, size, digest) for k, first, rows in todo]
-                for fut in as_completed(futures):
-                    _, rows, _ = fut.result()
-                    bar.update(rows)
-                    done_rows += rows
+    done_rows = run_shards(todo, partial(make_shard, out_dir, seed), workers, size, digest)
     elapsed = time.perf_counter() - start
     if done_rows:
         click.echo(f"generated {done_rows} images in {elapsed:.1f} s ({done_rows / elapsed:.0f} images/s)", err=True)

@@ -43,6 +43,14 @@ from PIL import Image
 
 from photo_finder import file_sha256
 
+try:
+    from nda_ann.corpus.demo_corpus import Box  # a half-open pixel box, here in working-image coordinates
+except ModuleNotFoundError:  # run from a checkout without installing
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from nda_ann.corpus.demo_corpus import Box
+
 GENERATOR = "nda-ann make_photo_corpus v2"  # bump when the crop recipe changes: old shards then mismatch
 HOLDOUT_PHOTOS = 0.1
 HELDOUT_FRACTION = 0.2
@@ -55,30 +63,6 @@ PHOTO_TRIES = 100  # flat or repeated crops redrawn from one photo before anothe
 DEFAULT_CORPUS = Path(os.environ.get("NDA_ANN_PHOTO_CORPUS", Path(__file__).resolve().parents[1] / "data" / "photo-corpus"))
 
 Kind = Literal["seen", "unseen"]
-
-
-@dataclass(frozen=True)
-class Box:
-    """A half-open pixel box [x0, x1) x [y0, y1) in working-image coordinates."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-
-    @property
-    def width(self) -> int:
-        return self.x1 - self.x0
-
-    @property
-    def height(self) -> int:
-        return self.y1 - self.y0
-
-    def contains(self, other: "Box") -> bool:
-        return self.x0 <= other.x0 and self.y0 <= other.y0 and other.x1 <= self.x1 and other.y1 <= self.y1
-
-    def intersects(self, other: "Box") -> bool:
-        return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
 
 
 @dataclass(frozen=True)

@@ -64,14 +64,14 @@ def figure_size(n_proponents: int, heatmaps: bool, title: bool) -> tuple[int, in
     return width, height
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no sized default font
         return ImageFont.load_default()
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
+def rgb(image: np.ndarray) -> np.ndarray:
     """(H, W, C) or (H, W) uint8 -> (H, W, 3) uint8."""
     a = np.asarray(image)
     if a.dtype != np.uint8:
@@ -189,14 +189,14 @@ def render_attribution(
 
     ``query`` is (H, W, C) uint8. Returns the path written. The size is ``figure_size(...)``.
     """
-    q_rgb = _rgb(query)
+    q_rgb = rgb(query)
     shown = list(proponents)[:MAX_PROPONENTS]
     heat = [p.heatmap for p in shown]
     has_heat = any(h is not None for h in heat)
     width, height = figure_size(len(shown), has_heat, title is not None)
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font, bold = _font(FONT_SIZE), _font(FONT_SIZE + 3)
+    text_font, bold = font(FONT_SIZE), font(FONT_SIZE + 3)
     y0 = PAD
     if title is not None:
         draw.text((PAD, y0), title, fill=(0, 0, 0), font=bold)
@@ -206,19 +206,19 @@ def render_attribution(
     def cell(col: int, r: int, tile: Image.Image, first: str, rest: str = "") -> None:
         x, y = PAD + col * (CELL + PAD), y0 + r * row
         canvas.paste(tile, (x, y))
-        lines = _fit_lines(draw, first, font, CELL, TEXT_LINES)
+        lines = _fit_lines(draw, first, text_font, CELL, TEXT_LINES)
         if rest:
-            lines = lines[:1] + _fit_lines(draw, rest, font, CELL, TEXT_LINES - 1)
+            lines = lines[:1] + _fit_lines(draw, rest, text_font, CELL, TEXT_LINES - 1)
         for i, line in enumerate(lines):
-            draw.text((x, y + CELL + 2 + i * LINE_HEIGHT), line, fill=(30, 30, 30), font=font)
+            draw.text((x, y + CELL + 2 + i * LINE_HEIGHT), line, fill=(30, 30, 30), font=text_font)
 
     cell(0, 0, _tile(q_rgb), query_label)
     for i, p in enumerate(shown):
-        cell(1 + i, 0, _tile(_rgb(p.image)), f"score {p.score:.4g}", p.label)
+        cell(1 + i, 0, _tile(rgb(p.image)), f"score {p.score:.4g}", p.label)
     if has_heat:
         shares = share_maps(heat)
         vmax = max(float(np.max(h)) for h in shares if h is not None)
-        cell(0, 1, _colour_bar(vmax, font), "share of the image's score per pixel (sqrt scale)")
+        cell(0, 1, _colour_bar(vmax, text_font), "share of the image's score per pixel (sqrt scale)")
         for i, h in enumerate(shares):
             if h is not None:
                 cell(1 + i, 1, _heat_tile(q_rgb, h, vmax), f"peak {percent(float(np.max(h)))} a pixel")

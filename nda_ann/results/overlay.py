@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .figures import DIM, GAMMA, colormap
+from .figures import font as _font
+from .figures import rgb as as_rgb
 
 TILE = 192          # side of the drawn query, in pixels
 BAR_WIDTH = 12
@@ -22,21 +24,6 @@ CAPTION_HEIGHT = 30
 PAD = 6
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
-
-
-def as_rgb(image: np.ndarray) -> np.ndarray:
-    """(H, W), (H, W, 1) or (H, W, 3) uint8 -> (H, W, 3) uint8."""
-    a = np.asarray(image, dtype=np.uint8)
-    if a.ndim == 2:
-        a = a[..., None]
-    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
 
 
 def png_bytes(image: Image.Image | np.ndarray, scale: int = 1) -> bytes:
