@@ -39,15 +39,15 @@ def load_exact(work: Path, corpus: str, size: str, t: int, count: int = QUERIES,
     return done, np.stack([np.load(exact_path(work, corpus, size, t, q, kind)) for q in done]) if done else np.zeros((0, 0))
 
 
-def stage_exact(work: Path, corpus: str, size: str, ts: list[int], group: int, budget: str) -> None:
-    """Exact scores of every query not yet cached, ``group`` queries per pass over the store."""
+def stage_exact(work: Path, corpus: str, size: str, ts: list[int], group: int, budget: str, count: int = QUERIES) -> None:
+    """Exact scores of the first ``count`` queries not yet cached, ``group`` queries per pass over the store."""
     from nda_ann import Store, exact_attribution
     from nda_ann.atomic import write_json_atomic
 
     store = Store.open(store_path(work, corpus, size))
     images, names, _ = queries(work, corpus)
     for t in ts:
-        todo = [q for q in range(len(images)) if not exact_path(work, corpus, size, t, q, "mass").exists()]
+        todo = [q for q in range(min(count, len(images))) if not exact_path(work, corpus, size, t, q, "mass").exists()]
         for lo in range(0, len(todo), group):
             part = todo[lo : lo + group]
             t0 = time.perf_counter()
@@ -189,11 +189,12 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4, help="queries per pass over the store")
     ap.add_argument("--budget", default="4G", help="memory budget of the exact scorer")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--queries", type=int, default=QUERIES, help="exact: score only the first N queries (the large sizes)")
     args = ap.parse_args()
     if args.stage == "store":
         stage_store(args.work, args.corpus, args.size, args.workers)
     elif args.stage == "exact":
-        stage_exact(args.work, args.corpus, args.size, args.t, args.group, args.budget)
+        stage_exact(args.work, args.corpus, args.size, args.t, args.group, args.budget, args.queries)
     elif args.stage == "oracle":
         for t in args.t:
             done, exact = load_exact(args.work, args.corpus, args.size, t)
