@@ -167,6 +167,51 @@ def oracle_rows(exact: np.ndarray, mass: np.ndarray, ms: list[int]) -> list[dict
     return rows
 
 
+def _settings_label(key: dict) -> str:
+    """A short label of a fidelity row's settings."""
+    k = {a: b for a, b in key.items() if a not in ("index", "maps", "topk", "nprobe", "k")}
+    if not k:
+        return "defaults"
+    names = {"candidates": "M", "time_budget": "budget s", "max_outside": "F", "outside_sample": "sample", "tail": "tail"}
+    return ", ".join(f"{names.get(a, a)} = {b}" for a, b in k.items())
+
+
+def stage_report(work: Path) -> None:
+    """The fidelity and oracle tables of every corpus, size and t measured, into docs/benchmarks/scale.md."""
+    from bench_md import machine, simd, update_section
+
+    for path in sorted((Path(work) / "fidelity").glob("*.json")):
+        corpus, size, t = path.stem.split("-")
+        t = int(t[1:])
+        rows = json.loads(path.read_text())
+        done, exact = load_exact(work, corpus, size, t)
+        _, mass = load_exact(work, corpus, size, t, kind="mass")
+        lines = [f"## {corpus}, {SIZES[size]:,} images, t = {t} (tools/bench_scale.py)", "",
+                 f"`python tools/bench_scale.py fidelity --corpus {corpus} --size {size} --t {t} --index INDEX --configs ...` on "
+                 f"{machine()}; {simd()}. {len(done)} held-out queries ({', '.join(sorted(set(r for r in rows[0]['per_query'] for r in [r['kind']])))}), "
+                 "p = 7, topk 100, each attributed alone after a warm-up, index and store in the page cache; exact = the exact "
+                 "scorer (float32) on the same noise. Columns: top-10 overlap, subset-sum Spearman, relative L1; M re-scored "
+                 "(mean), estimated / true share of the softmax mass outside the M (mean), candidate recall (the M's share of "
+                 "the exact mass over the exact top M's), median seconds per query (the machine's load noted below).", "",
+                 "| index | settings | top-10 | subset-sum | rel. L1 | M | est. / true outside | recall | s / query |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            pq = r["per_query"]
+            lines.append(f"| {r['key']['index']} | {_settings_label(r['key'])} | {r['top10_overlap']:.2f} | {r['subset_sum_spearman']:.3f} | "
+                         f"{r['relative_l1']:.3f} | {np.mean([p['m'] for p in pq]):.0f} | {np.mean([p['est_outside'] for p in pq]):.2f} / "
+                         f"{np.mean([p['true_outside'] for p in pq]):.2f} | {np.mean([p['recall'] for p in pq]):.2f} | {np.median(r['s_per_query']):.2f} |")
+        lines += ["", "What the M best images can give at most (their exact scores, the rest 0), and the share of the mass they hold:", "",
+                  "| M | 100 | 200 | 500 | 1,000 | 2,000 | 5,000 | 10,000 |", "|---|---|---|---|---|---|---|---|"]
+        ms = [m for m in (100, 200, 500, 1000, 2000, 5000, 10000) if m < SIZES[size]]
+        orc = oracle_rows(exact, mass, ms)
+        for label, key, fmt in (("top-10 overlap", "top10_overlap", "{:.2f}"), ("subset-sum Spearman", "subset_sum_spearman", "{:.3f}"),
+                                ("mass share", "mass_share", "{:.2f}")):
+            cells = [fmt.format(o[key]) for o in orc] + ["-"] * (7 - len(orc))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        update_section(f"scale_{corpus}_{size}_t{t}", "\n".join(lines))
+        print(f"wrote scale_{corpus}_{size}_t{t}")
+
+
 def stage_status(work: Path) -> None:
     for corpus in ("crops", "photos"):
         for size in SIZES:
@@ -178,7 +223,7 @@ def stage_status(work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["store", "exact", "fidelity", "oracle", "status"])
+    ap.add_argument("stage", choices=["store", "exact", "fidelity", "oracle", "report", "status"])
     ap.add_argument("--index", type=Path, default=None, help="fidelity: the index to attribute through")
     ap.add_argument("--configs", type=json.loads, default=[{}], help="fidelity: JSON list of Attributor.attribute settings")
     ap.add_argument("--repeat", action="store_true", help="fidelity: measure again a settings row already recorded")
@@ -204,6 +249,8 @@ def main() -> None:
     elif args.stage == "fidelity":
         for t in args.t:
             stage_fidelity(args.work, args.corpus, args.size, t, args.index, args.configs, args.repeat)
+    elif args.stage == "report":
+        stage_report(args.work)
     else:
         stage_status(args.work)
 

@@ -259,7 +259,8 @@ class Attributor:
         ids, vals = out.ids, out.scores
         contrib = Contributions(cand, out.per_pos, {}) if settings.maps > 0 else None
         if settings.tail and known:
-            extra = tail_scores(known, out.log_z, self.scales, weights, draws, n, None if contrib is None else contrib.tail)
+            extra = tail_scores(known, out.log_z, self.scales, weights, draws, n, None if contrib is None else contrib.tail,
+                                out.log_z_out if settings.tail == "scaled" else None)
             tail_ids = np.nonzero(extra)[0]
             ids, vals = np.concatenate([ids, tail_ids]), np.concatenate([vals, extra[tail_ids]])
         result.outside_mass[ti, q] = out.outside

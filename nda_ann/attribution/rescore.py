@@ -38,6 +38,7 @@ class Rescored:
     outside: np.ndarray
     log_z: dict
     cand: np.ndarray | None = None
+    log_z_out: dict | None = None  # (draw, scale) -> (L,) log of the non-candidates' estimated part of log_z
 
 
 class _Scan:
@@ -142,18 +143,21 @@ class Rescoring:
         per_pos: dict[Scale, list[torch.Tensor]] = {}
         outside = np.zeros(len(self.scales))
         log_zs: dict = {}
+        log_z_outs: dict = {}
         for (d, sc), scan in self.scans.items():
             w = self.weights[self.scales.index(sc)]
             log_z_out = self._log_z_out((d, sc), cand, retrieved_out, sampled).to(scan.log_z_in.device)
             log_z = torch.logaddexp(scan.log_z_in, log_z_out)
             log_zs[(d, sc)] = log_z.to(self.dtype)
+            log_z_outs[(d, sc)] = log_z_out.double().cpu()
             outside[self.scales.index(sc)] += float(torch.exp(log_z_out - log_z).mean()) / self.draws
             shift = scan.scan.shift[0].double()
             a = (torch.cat(scan.aggs, -1).double() * torch.exp(shift - log_z)[:, None]).cpu()[:, columns]  # (L, M)
             scores += w / self.draws * a.sum(0)
             per_pos.setdefault(sc, []).append(w / self.draws * a)
         keep = scores.numpy() > 0
-        return Rescored(cand[keep], scores.numpy()[keep], {sc: sum(parts) for sc, parts in per_pos.items()}, outside, log_zs, cand)
+        return Rescored(cand[keep], scores.numpy()[keep], {sc: sum(parts) for sc, parts in per_pos.items()}, outside, log_zs, cand,
+                        log_z_outs)
 
 
 def rescore(corpus, cand: np.ndarray, patches: dict, groups: dict[Scale, list[LayoutGroup]], scales: list[Scale],

@@ -68,7 +68,7 @@ class AttributionSettings:
     outside_sample: int = DEFAULT_OUTSIDE_SAMPLE
     precision: str = "float32"
     maps: int = 8
-    tail: bool = True
+    tail: bool | str = True  # True: retrieved non-candidates score their weights; "scaled": scaled to the outside mass
     rerank: int = DEFAULT_RERANK
     outside_estimator: str = "images"  # "images": each sampled image at every position; "pairs": one position each
     max_outside: float | None = None  # re-score in rounds until the estimated outside share is below it
@@ -76,7 +76,7 @@ class AttributionSettings:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def create(cls, timesteps: int | Sequence[int], sched: NoiseSchedule, *, tail: bool | None = None,
+    def create(cls, timesteps: int | Sequence[int], sched: NoiseSchedule, *, tail: bool | str | None = None,
                rerank: int | None = None, outside_sample: int | None = None, **kw: Any) -> "AttributionSettings":
         """Validate user values (None means the default) and return the settings."""
         ts = [timesteps] if isinstance(timesteps, int) else list(timesteps)
@@ -115,7 +115,9 @@ class AttributionSettings:
             raise ValueError(f"time_budget must be a positive number of seconds, got {budget!r}")
         if (target is not None or budget is not None) and rerank > 1:
             raise ValueError("rerank sizes a fixed candidate pool; it does not combine with max_outside / time_budget rounds")
-        tail = (True if tail is None else bool(tail)) and mode == "rescore"
+        if tail not in (None, True, False, "scaled"):
+            raise ValueError(f"tail must be True, False or 'scaled', got {tail!r}")
+        tail = (True if tail is None else tail) if mode == "rescore" else False
         return cls(ts, tail=tail, rerank=rerank, outside_sample=int(outside_sample), **kw)
 
     @property

@@ -13,15 +13,26 @@ from ..scoring.scales import Scale
 from .candidates import sum_by_image
 from .known import Known
 
+SCALE_CAP = 10.0  # the most a position's retrieved weights are scaled up by (tail="scaled")
+
 
 def tail_scores(known: Known, log_z: dict, scales: list[Scale], weights: list[float], draws: int, n: int,
-                tail_parts: dict | None = None) -> np.ndarray:
+                tail_parts: dict | None = None, log_z_out: dict | None = None) -> np.ndarray:
     """(n,) the retrieved non-candidate patches' weights under the re-scoring normaliser ``log_z``
     (per (draw, scale), (L,)), summed per image, fused over scales and draws. With ``tail_parts``
-    given, appends (weights (L, K'), image ids (L, K')) per scale to it, for the heatmaps."""
+    given, appends (weights (L, K'), image ids (L, K')) per scale to it, for the heatmaps.
+    ``log_z_out`` (per (draw, scale), (L,), the non-candidates' estimated share): scale each position's
+    retrieved weights up to it (at most SCALE_CAP times), so that the tail holds the estimated outside
+    mass, spread over the retrieved non-candidates in proportion to their weights."""
     extra = np.zeros(n)
     for (d, sc), (logits, img, _) in known.items():
-        w = torch.from_numpy(logits).sub(log_z[(d, sc)].double().cpu()[:, None]).exp_().numpy()  # 0 where img is -1
+        lz = log_z[(d, sc)].double().cpu()
+        w = torch.from_numpy(logits).sub(lz[:, None]).exp_()  # 0 where img is -1
+        if log_z_out is not None:
+            retrieved = w.sum(-1)  # (L,)
+            target = torch.exp(log_z_out[(d, sc)] - lz)
+            w *= torch.where(retrieved > 0, (target / retrieved.clamp_min(1e-300)).clamp(1.0, SCALE_CAP), torch.ones_like(retrieved))[:, None]
+        w = w.numpy()
         w *= weights[scales.index(sc)] / draws
         extra += sum_by_image(img, w, n)
         if tail_parts is not None:
