@@ -166,19 +166,21 @@ def speed(args) -> None:
         att = Attributor(index, CorpusView(Store.open(store.path)), index.scales, thumbs=index.thumbnails())
         kw = {"nprobe": args.nprobe, **({"candidates": args.candidates} if args.candidates else {})}
         warm_page_cache([index.path, store.path])  # the index in memory, as a server has it
-        att.attribute(queries[:1], 100, topk=100, maps=0, **kw)  # warm-up
+        att.attribute(queries[:1], 100, topk=100, maps=args.maps, **kw)  # warm-up
         row = {"n": n, "build_s": build_s, "index_bytes": sum(f.stat().st_size for f in Path(index.path).rglob("*") if f.is_file())}
         for b in args.batch:
-            if b == 1:  # batch 1: each of the first --singles queries on its own, the mean
-                times = []
-                for q in range(args.singles):
-                    t0 = time.perf_counter()
-                    att.attribute(queries[q : q + 1], 100, topk=100, maps=0, **kw)
-                    times.append(time.perf_counter() - t0)
-                row["index_s_per_query_b1"], row["index_s_b1_min_max"] = float(np.mean(times)), [min(times), max(times)]
+            if b == 1:  # batch 1: each of the first --singles queries on its own, the mean; with the default maps and without
+                for maps in (args.maps, 0):
+                    times = []
+                    for q in range(args.singles):
+                        t0 = time.perf_counter()
+                        att.attribute(queries[q : q + 1], 100, topk=100, maps=maps, **kw)
+                        times.append(time.perf_counter() - t0)
+                    tag = "" if maps == args.maps else "_nomaps"
+                    row[f"index_s_per_query_b1{tag}"], row[f"index_s_b1_min_max{tag}"] = float(np.mean(times)), [min(times), max(times)]
                 continue
             t0 = time.perf_counter()
-            att.attribute(queries[:b], 100, topk=100, maps=0, **kw)
+            att.attribute(queries[:b], 100, topk=100, maps=args.maps, **kw)
             row[f"index_s_per_query_b{b}"] = (time.perf_counter() - t0) / b
         t0 = time.perf_counter()
         exact_scores(store, queries[: args.exact_queries], timesteps=100, scales=["7"], topk=100, precision="float32")
@@ -194,12 +196,13 @@ def speed(args) -> None:
     b1, bmax = f"index_s_per_query_b{args.batch[0]}", f"index_s_per_query_b{args.batch[-1]}"
     lines = ["## Index path vs exact: time against N (tools/bench_attribute.py speed)", "",
              f"`python tools/bench_attribute.py speed --sizes {' '.join(map(str, args.sizes))}{f' --nprobe {args.nprobe}' if args.nprobe else ''}` on {machine()}.",
-             f"p = 7, t = 100, topk 100, K = 1024, M = {args.candidates or DEFAULT_CANDIDATES}, nprobe {args.nprobe or 'of each index'}, index factory `{args.factory}`, candidate stride {args.stride}, classes {args.classes}; index and store read once into the page cache before timing (as a server has them); batch 1 is the mean of {args.singles} queries attributed one call each (fastest and slowest in brackets), batch {args.batch[-1]} one call; exact: {args.exact_queries} query; one run, so the ratios are the figures to read.", "",
-             f"| N | index on disk | index s/query (batch {args.batch[0]}) | queries/s (batch {args.batch[0]}) | index s/query (batch {args.batch[-1]}) | queries/s (batch {args.batch[-1]}) | exact s/query | exact / index |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"p = 7, t = 100, topk 100, K = 1024, M = {args.candidates or DEFAULT_CANDIDATES}, nprobe {args.nprobe or 'of each index'}, index factory `{args.factory}`, candidate stride {args.stride}, classes {args.classes}; index and store read once into the page cache before timing (as a server has them); batch 1 is the mean of {args.singles} queries attributed one call each (fastest and slowest in brackets), with the default {args.maps} heatmaps kept (what the CLI and API do) and without; batch {args.batch[-1]} one call; exact: {args.exact_queries} query; one run, so the ratios are the figures to read. Where M is half of N or more, every image is re-scored with no search (the scores are exact).", "",
+             f"| N | index on disk | index s/query (batch {args.batch[0]}, {args.maps} maps) | without maps | index s/query (batch {args.batch[-1]}) | exact s/query | exact / index |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = f" ({r['index_s_b1_min_max'][0]:.2f}-{r['index_s_b1_min_max'][1]:.2f})" if "index_s_b1_min_max" in r else ""
-        lines.append(f"| {r['n']:,} | {r['index_bytes'] / 2**30:.2f} GiB | {r[b1]:.3f}{spread} | {1 / r[b1]:.2f} | {r[bmax]:.3f} | {1 / r[bmax]:.2f} | {r['exact_s_per_query']:.2f} | {r['exact_s_per_query'] / r[b1]:.1f}x |")
+        nomaps = f"{r['index_s_per_query_b1_nomaps']:.3f}" if "index_s_per_query_b1_nomaps" in r else "-"
+        lines.append(f"| {r['n']:,} | {r['index_bytes'] / 2**30:.2f} GiB | {r[b1]:.3f}{spread} | {nomaps} | {r[bmax]:.3f} | {r['exact_s_per_query']:.2f} | {r['exact_s_per_query'] / r[b1]:.1f}x |")
     update_section("bench_attribute_speed", "\n".join(lines))
 
 
@@ -233,6 +236,7 @@ def main() -> None:
     s.add_argument("--singles", type=int, default=8, help="queries timed one at a time for the batch-1 figure (their mean)")
     s.add_argument("--candidates", type=int, default=None, help="M (default: the library default)")
     s.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's manifest)")
+    s.add_argument("--maps", type=int, default=8, help="heatmaps kept (the CLI and API default); batch 1 is also timed without")
     args = ap.parse_args()
     fidelity(args) if args.cmd == "fidelity" else speed(args)
 
