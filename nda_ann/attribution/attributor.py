@@ -207,7 +207,8 @@ class Attributor:
             for ti, t in enumerate(ts):
                 started = time.perf_counter()
                 noised = NoisedBlock.make(queries[block.start : block.stop], t, sched, seed, noise_draws, self.scales)
-                full = mode == "rescore" and m_per_t[ti] >= FULL_RESCORE_SHARE * self.corpus.count
+                n = self.corpus.count  # every image re-scored: M fixed at half of N or more, or rounds on a tiny corpus
+                full = mode == "rescore" and (n <= 2 * ADAPTIVE_FIRST if settings.adaptive else m_per_t[ti] >= FULL_RESCORE_SHARE * n)
                 hits = None if full else {key: self.searcher.search(key[1], noised.search_vectors(key), settings.k, nprobe) for key in noised.keys}
                 for q in block:
                     b = q - lo

@@ -33,10 +33,15 @@ DEFAULT_RERANK = 1
 # pair sampler's 512 (docs/benchmarks/outside.md).
 DEFAULT_OUTSIDE_SAMPLE = 128
 GUIDE_SHARE = 0.5
-# rounds (rounds.py): the first round's candidates, and the most a query may reach when neither
-# ``candidates`` nor the corpus size caps it
+# rounds (rounds.py): the first round's candidates, and the most a query may reach when ``candidates``
+# does not say. By default (no ``candidates``, no target, no budget) M is sized by the outside mass:
+# rounds until DEFAULT_MAX_OUTSIDE, at most ADAPTIVE_CAP (deterministic: no time budget unless asked).
+# Chosen from the measured curves (docs/benchmarks/scale.md): at t = 100 an outside share of 0.3 is
+# reached near M = 150 at 5k images, where fidelity is already 1.00 / 0.996 (docs/benchmarks/fidelity.md),
+# and grows M with the corpus; the cap bounds a query near 2 s at 100k-1M on two cores.
 ADAPTIVE_FIRST = 128
-ADAPTIVE_CAP = 20_000
+ADAPTIVE_CAP = 1000
+DEFAULT_MAX_OUTSIDE = 0.3
 
 
 def default_candidates(sigma2: float) -> int:
@@ -109,6 +114,8 @@ class AttributionSettings:
         if kw.get("outside_estimator", "images") not in ("images", "pairs"):
             raise ValueError(f"outside_estimator must be 'images' or 'pairs', got {kw['outside_estimator']!r}")
         target, budget = kw.get("max_outside"), kw.get("time_budget")
+        if target is None and budget is None and kw.get("candidates") is None and rerank == 1 and mode == "rescore":
+            kw["max_outside"] = target = DEFAULT_MAX_OUTSIDE  # the default: M sized by the outside mass
         if target is not None and not 0.0 < float(target) <= 1.0:
             raise ValueError(f"max_outside is a share of the normaliser, in (0, 1]; got {target!r}")
         if budget is not None and not float(budget) > 0.0:
