@@ -30,7 +30,8 @@ class SmallIndex:
     queries: dict[str, Path]  # name -> PNG: copy11.png (training image 11), gen0.png (a held-out crop)
 
 
-def build_small_index(root: Path) -> SmallIndex:
+def build_small_index(root: Path, held_out: int = 1) -> SmallIndex:
+    """The small index under ``root``, with ``held_out`` held-out query crops (gen0.png, gen1.png)."""
     from nda_ann.corpus.demo_corpus import demo_corpus
     from nda_ann.corpus.store import write_store
     from nda_ann.index import build_index
@@ -42,7 +43,8 @@ def build_small_index(root: Path) -> SmallIndex:
     qdir = root / "queries"
     qdir.mkdir()
     Image.fromarray(small[11]).save(qdir / "copy11.png")
-    Image.fromarray(dc.queries[0]).save(qdir / "gen0.png")  # 32x32: the transform brings it to 16x16
+    for i, x in enumerate(dc.queries[:held_out]):
+        Image.fromarray(x).save(qdir / f"gen{i}.png")  # 32x32: the transform brings them to 16x16
     return SmallIndex(root, root / "index", small, {p.name: p for p in sorted(qdir.iterdir())})
 
 

@@ -142,23 +142,31 @@ def main(out_dir: Path, count: int, shard_size: int, seed: int, size: int, worke
             raise click.ClickException(f"{out_dir} holds a corpus made with other settings ({mpath}); use another folder")
     write_json_atomic(mpath, {**manifest, "complete": False})
 
+    paths, duplicates = make_all_shards(out_dir, count, shard_size, lambda k, rows: shard_params(seed, k, rows, size),
+                                        partial(make_shard, out_dir, seed), workers, no_check, size)
+    write_json_atomic(mpath, {**manifest, "complete": True, "shards": [p.name for p in paths], "duplicates": duplicates})
+    click.echo(f"{count} images in {len(paths)} shards under {out_dir}")
+
+
+def make_all_shards(out_dir: Path, count: int, shard_size: int, params, make, workers: int, no_check: bool, *args) -> tuple[list[Path], int | None]:
+    """Make the shards of ``count`` rows not already complete (``params(k, rows)``: what shard k's bytes
+    depend on), timing them, then check the images are distinct across all shards (unless ``no_check``).
+    Returns the shard paths and the duplicate count (None when not checked); raises on duplicates."""
     n_shards = -(-count // shard_size)
     jobs = [(k, k * shard_size, min(shard_size, count - k * shard_size)) for k in range(n_shards)]
-    todo = [j for j in jobs if not shard_complete(shard_path(out_dir, j[0]), shard_params(seed, j[0], j[2], size))]
+    todo = [j for j in jobs if not shard_complete(shard_path(out_dir, j[0]), params(j[0], j[2]))]
     if len(todo) < len(jobs):
         click.echo(f"{len(jobs) - len(todo)} of {len(jobs)} shards already complete; skipping them", err=True)
     start = time.perf_counter()
-    done_rows = run_shards(todo, partial(make_shard, out_dir, seed), workers, size)
+    done_rows = run_shards(todo, make, workers, *args)
     elapsed = time.perf_counter() - start
     if done_rows:
         click.echo(f"generated {done_rows} images in {elapsed:.1f} s ({done_rows / elapsed:.0f} images/s)", err=True)
-
     paths = [shard_path(out_dir, k) for k, _, _ in jobs]
     duplicates = None if no_check else check_distinct(paths)
     if duplicates:
         raise click.ClickException(f"{duplicates} duplicate images across shards; pick another --seed")
-    write_json_atomic(mpath, {**manifest, "complete": True, "shards": [p.name for p in paths], "duplicates": duplicates})
-    click.echo(f"{count} images in {len(paths)} shards under {out_dir}")
+    return paths, duplicates
 
 
 def run_shards(todo: list[tuple[int, int, int]], make, workers: int, *args) -> int:

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_corpus import HF_FEATURES, ROW_GROUP, SCHEMA, check_distinct, encode_png, run_shards, shard_complete, shard_path  # noqa: E402
+from make_corpus import HF_FEATURES, ROW_GROUP, SCHEMA, encode_png, make_all_shards, shard_path  # noqa: E402
 from nda_ann.atomic import atomic_file, write_json_atomic  # noqa: E402  (make_corpus put the package on the path)
 import photo_corpus as pc  # noqa: E402
 import photo_finder as pf  # noqa: E402
@@ -111,7 +111,7 @@ def make_shard(out: Path, seed: int, index: int, first_row: int, rows: int, size
                     b, c, s = crop.jitter or (1.0, 1.0, 1.0)
                     cols["image"].append({"bytes": encode_png(img), "path": f"{row:08d}.png"})
                     for name, value in (("source", crop.source), ("photo", crop.photo), ("x", crop.x), ("y", crop.y),
-                                        ("scale", crop.scale), ("angle", 0.0), ("flip", crop.flip),
+                                        ("scale", crop.scale), ("angle", crop.angle), ("flip", crop.flip),
                                         ("brightness", b), ("contrast", c), ("saturation", s), ("sha", digest_)):
                         cols[name].append(value)
                 writer.write_table(pa.table(cols, schema=schema))
@@ -150,21 +150,8 @@ def main(out_dir: Path, count: int, shard_size: int, seed: int, size: int, worke
     click.echo(f"{n_photos} photographs, {n_unseen} held out whole; {len(manifest['dropped'])} files dropped", err=True)
 
     digest = manifest["photo_digest"]
-    n_shards = -(-count // shard_size)
-    jobs = [(k, k * shard_size, min(shard_size, count - k * shard_size)) for k in range(n_shards)]
-    todo = [j for j in jobs if not shard_complete(shard_path(out_dir, j[0]), shard_params(seed, j[0], j[2], size, digest))]
-    if len(todo) < len(jobs):
-        click.echo(f"{len(jobs) - len(todo)} of {len(jobs)} shards already complete; skipping them", err=True)
-    start = time.perf_counter()
-    done_rows = run_shards(todo, partial(make_shard, out_dir, seed), workers, size, digest)
-    elapsed = time.perf_counter() - start
-    if done_rows:
-        click.echo(f"generated {done_rows} images in {elapsed:.1f} s ({done_rows / elapsed:.0f} images/s)", err=True)
-
-    paths = [shard_path(out_dir, k) for k, _, _ in jobs]
-    duplicates = None if no_check else check_distinct(paths)
-    if duplicates:
-        raise click.ClickException(f"{duplicates} duplicate images across shards; pick another --seed")
+    paths, duplicates = make_all_shards(out_dir, count, shard_size, lambda k, rows: shard_params(seed, k, rows, size, digest),
+                                        partial(make_shard, out_dir, seed), workers, no_check, size, digest)
     package_of = {e["name"]: e["package"] for e in manifest["photos"]}
     shares: dict[str, int] = {}
     for p in paths:

@@ -44,12 +44,12 @@ from PIL import Image
 from photo_finder import file_sha256
 
 try:
-    from nda_ann.corpus.demo_corpus import Box  # a half-open pixel box, here in working-image coordinates
+    from nda_ann.corpus.demo_corpus import Box, Crop  # Box: a half-open pixel box, here in working-image coordinates
 except ModuleNotFoundError:  # run from a checkout without installing
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nda_ann.corpus.demo_corpus import Box
+    from nda_ann.corpus.demo_corpus import Box, Crop
 
 GENERATOR = "nda-ann make_photo_corpus v2"  # bump when the crop recipe changes: old shards then mismatch
 HOLDOUT_PHOTOS = 0.1
@@ -63,30 +63,6 @@ PHOTO_TRIES = 100  # flat or repeated crops redrawn from one photo before anothe
 DEFAULT_CORPUS = Path(os.environ.get("NDA_ANN_PHOTO_CORPUS", Path(__file__).resolve().parents[1] / "data" / "photo-corpus"))
 
 Kind = Literal["seen", "unseen"]
-
-
-@dataclass(frozen=True)
-class Crop:
-    """Where a crop came from: the s x s window at (x, y) of a photo's working image."""
-
-    photo: str
-    x: int
-    y: int
-    scale: int
-    flip: bool = False
-    jitter: tuple[float, float, float] | None = None  # brightness, contrast, saturation factors
-
-    def footprint(self) -> Box:
-        """The working-image pixels this crop's pixels depend on."""
-        return Box(self.x, self.y, self.x + self.scale, self.y + self.scale)
-
-    @property
-    def source(self) -> str:
-        """E.g. 'mate-backgrounds/nature/Garden@x=10,y=20,s=64,flip=0' (plus jitter when used)."""
-        s = f"{self.photo}@x={self.x},y={self.y},s={self.scale},flip={int(self.flip)}"
-        if self.jitter is not None:
-            s += ",jit={:.3f}/{:.3f}/{:.3f}".format(*self.jitter)
-        return s
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,7 +190,7 @@ def _draw(rng: np.random.Generator, photo: CorpusPhoto, region: Literal["train",
         return Crop(photo.name, x, y, s)
     flip = bool(rng.integers(2))
     jit = tuple(float(rng.uniform(lo, hi)) for lo, hi in JITTER)
-    return Crop(photo.name, x, y, s, flip, jit)  # type: ignore[arg-type]
+    return Crop(photo.name, x, y, s, flip=flip, jitter=jit)
 
 
 def package_shares(packages: Sequence[str], cap: float = PACKAGE_CAP) -> dict[str, float]:

@@ -3,33 +3,19 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from nda_ann.cli import main
-from nda_ann.corpus.store import write_store
+
+from serve_helpers import build_small_index
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from nda_ann.corpus.demo_corpus import demo_corpus
-    from nda_ann.index import build_index
-
-    root = tmp_path_factory.mktemp("cli")
-    dc = demo_corpus(n_train=60, n_queries=2, seed=5)
-    small = np.stack([np.asarray(Image.fromarray(x).resize((16, 16), Image.Resampling.BOX)) for x in dc.train])
-    store = write_store(root / "store", small, dc.train_sources)
-    build_index(store, root / "index", ["5", "4:2"], progress=False)
-    qdir = root / "queries"
-    qdir.mkdir()
-    for i, x in enumerate(dc.queries):
-        Image.fromarray(x).save(qdir / f"gen{i}.png")  # 32x32: the transform brings them to 16x16
-    Image.fromarray(small[11]).save(qdir / "copy11.png")
-    return root
+    return build_small_index(tmp_path_factory.mktemp("cli"), held_out=2).root
 
 
 def test_attribute_index_writes_scores_summary_and_figures(built):

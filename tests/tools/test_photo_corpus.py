@@ -168,7 +168,7 @@ def test_no_training_crop_reads_a_heldout_photo_or_region(corpus):
     assert used == set(by_name) - heldout  # every training photo is cut, no held-out one
     for r in table:
         p = by_name[r["photo"]]
-        crop = pc.Crop(r["photo"], r["x"], r["y"], r["scale"], r["flip"], (r["brightness"], r["contrast"], r["saturation"]))
+        crop = pc.Crop(r["photo"], r["x"], r["y"], r["scale"], flip=r["flip"], jitter=(r["brightness"], r["contrast"], r["saturation"]))
         assert p.train is not None and p.train.contains(crop.footprint()) and not p.heldout.intersects(crop.footprint())
         # the recorded geometry is where the pixels came from
         assert np.array_equal(pc.cut(p, crop, "train", 32), np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))))
