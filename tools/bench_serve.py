@@ -34,7 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_md import machine, update_section  # noqa: E402
+from bench_md import machine, simd, update_section  # noqa: E402
 
 # the million-image run's serving settings (tools/million.py SERVE), or the attributor's defaults
 SETTINGS = {"million": {"k": 256, "candidates": 300, "nprobe": 16, "topk": 100}, "default": {}}
@@ -198,7 +198,7 @@ def _one(port: int, body: tuple[bytes, str]) -> float:
 
 def markdown(records: list[dict], args) -> str:
     lines = ["## Serving: `nda-ann serve` against `nda-ann attribute` (tools/bench_serve.py)", "",
-             f"Machine: {machine()}. One 32x32 query image per call at t = 100; settings per row. CLI times are whole "
+             f"Machine: {machine()}; {simd()}. One 32x32 query image per call at t = 100; settings per row. CLI times are whole "
              f"calls (interpreter start, opening the index, one query, writing the results folder), median of {args.repeats}; "
              "cold: the index's and store's pages dropped from the page cache first, warm: read once first. "
              "Server: median latency of one client posting one image at a time, after its own warm-up.", "",
@@ -223,8 +223,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0, help="duration of each load level")
     ap.add_argument("--work", type=Path, default=ROOT / "results" / "bench_serve")
     ap.add_argument("--md", type=Path, default=None, help="markdown file whose bench_serve section is written (default docs/benchmarks/serve.md)")
+    ap.add_argument("--from-json", action="store_true", help="write the section from --work/bench_serve.json; run nothing")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        update_section("bench_serve", markdown(json.loads((args.work / "bench_serve.json").read_text()), args), args.md)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         queries = query_files(Path(tmp) / "queries", args.queries)
         records = []
@@ -234,7 +238,7 @@ def main() -> None:
             print(json.dumps(records[-1]), flush=True)
     (args.work / "bench_serve.json").write_text(json.dumps(records, indent=2))
     update_section("bench_serve", markdown(records, args), args.md)
-    print(f"wrote the bench_serve section of {args.md}")
+    print(f"wrote the bench_serve section of {args.md or 'docs/benchmarks/serve.md'}")
 
 
 if __name__ == "__main__":
