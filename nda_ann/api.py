@@ -17,7 +17,7 @@ from .results.report import write_report
 from .corpus.store import Store
 
 
-def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | None = None, rerank: int | None = None, outside_sample: int | None = None, max_outside: float | None = None, time_budget: float | None = None, allow_resize: bool = True, engine: str = "local", address: str | None = None, actors: int | None = None, timeout_s: float | None = None) -> str:
+def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | str | None = None, rerank: int | None = None, outside_sample: int | None = None, max_outside: float | None = None, time_budget: float | None = None, allow_resize: bool = True, engine: str = "local", address: str | None = None, actors: int | None = None, timeout_s: float | None = None) -> str:
     """Attribute ``queries`` against an index (or, with ``exact``, a store); write ``out``; return the table text.
 
     ``engine="ray"`` serves the index from Ray shard actors (see ``open_attributor``); the scores are the same.

@@ -1,6 +1,7 @@
 """`nda-ann attribute` (index or --exact) and `nda-ann compare`: parse, call the API, print."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -41,11 +42,19 @@ def _common(f):
         click.option("--max-outside", type=click.FloatRange(0, 1, min_open=True), default=None, help="Re-score candidates in rounds until the estimated share of the softmax mass outside them is below this (the default 0.3 when --candidates is not given); --candidates then caps M (default 1,000)."),
         click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds per query image (all timesteps) for those rounds: stop when the next round would not fit."),
         click.option("--tail/--no-tail", default=None, help="Score non-candidates by the weights of their retrieved patches (default on; --no-tail scores them 0 as docs/scores.md section 5)."),
+        click.option("--scaled-tail", is_flag=True, default=False, help="Scale each query position's retrieved non-candidate weights up to the estimated outside mass there (at most 10x): tail='scaled' in Python."),
         click.option("--resize/--no-resize", "allow_resize", default=True, show_default=True, help="Resize query images of another size than the corpus as the training images were (shorter side, centre crop), with a warning and a record in summary.json; --no-resize refuses them."),
     ]
+
+    @functools.wraps(f)
+    def merged(*args, scaled_tail: bool = False, tail: bool | None = None, **kw):
+        if scaled_tail and tail is False:
+            raise click.UsageError("--scaled-tail and --no-tail contradict each other")
+        return f(*args, tail="scaled" if scaled_tail else tail, **kw)
+
     for opt in reversed(opts):
-        f = opt(f)
-    return f
+        merged = opt(merged)
+    return merged
 
 
 def _fail(err: Exception):
