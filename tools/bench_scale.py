@@ -168,11 +168,11 @@ def oracle_rows(exact: np.ndarray, mass: np.ndarray, ms: list[int]) -> list[dict
 
 
 def _settings_label(key: dict) -> str:
-    """A short label of a fidelity row's settings."""
-    k = {a: b for a, b in key.items() if a not in ("index", "maps", "topk", "nprobe", "k")}
+    """A short label of a fidelity row's settings (K and nprobe shown only where not the defaults)."""
+    k = {a: b for a, b in key.items() if a not in ("index", "maps", "topk") and not (a == "k" and b == 1024)}
     if not k:
         return "defaults"
-    names = {"candidates": "M", "time_budget": "budget s", "max_outside": "F", "outside_sample": "sample", "tail": "tail"}
+    names = {"candidates": "M", "time_budget": "budget s", "max_outside": "F", "outside_sample": "sample", "tail": "tail", "k": "K"}
     return ", ".join(f"{names.get(a, a)} = {b}" for a, b in k.items())
 
 
