@@ -159,6 +159,8 @@ def speed(args) -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        return write_speed_section(json.loads((work / "speed.json").read_text()), args)
     rows = []
     for n in args.sizes:
         store, queries = corpus(n, max(args.batch + [args.singles]), work)
@@ -188,21 +190,36 @@ def speed(args) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     (work / "speed.json").write_text(json.dumps(rows, indent=1))
-    if args.no_write:
-        return
-    from bench_md import machine, update_section
-    from nda_ann.attribution.settings import DEFAULT_CANDIDATES
+    if not args.no_write:
+        write_speed_section(rows, args)
 
-    b1, bmax = f"index_s_per_query_b{args.batch[0]}", f"index_s_per_query_b{args.batch[-1]}"
+
+def write_speed_section(rows: list[dict], args) -> None:
+    """The bench_attribute_speed section of docs/benchmarks/speed.md from the speed rows."""
+    from bench_md import machine, simd, update_section
+
+    m = f"M = {args.candidates}" if args.candidates else ("M the default (re-scored in rounds until 30% of the softmax mass is estimated "
+                                                           "outside the M, at most 1,000; every image where N <= 256)")
+    batches = [b for b in args.batch if b != 1]
     lines = ["## Index path vs exact: time against N (tools/bench_attribute.py speed)", "",
-             f"`python tools/bench_attribute.py speed --sizes {' '.join(map(str, args.sizes))}{f' --nprobe {args.nprobe}' if args.nprobe else ''}` on {machine()}.",
-             f"p = 7, t = 100, topk 100, K = 1024, M = {args.candidates or DEFAULT_CANDIDATES}, nprobe {args.nprobe or 'of each index'}, index factory `{args.factory}`, candidate stride {args.stride}, classes {args.classes}; index and store read once into the page cache before timing (as a server has them); batch 1 is the mean of {args.singles} queries attributed one call each (fastest and slowest in brackets), with the default {args.maps} heatmaps kept (what the CLI and API do) and without; batch {args.batch[-1]} one call; exact: {args.exact_queries} query; one run, so the ratios are the figures to read. Where M is half of N or more, every image is re-scored with no search (the scores are exact).", "",
-             f"| N | index on disk | index s/query (batch {args.batch[0]}, {args.maps} maps) | without maps | index s/query (batch {args.batch[-1]}) | exact s/query | exact / index |",
-             "|---|---|---|---|---|---|---|"]
+             f"`python tools/bench_attribute.py speed --sizes {' '.join(map(str, args.sizes))} --batch {' '.join(map(str, args.batch))}"
+             f"{f' --nprobe {args.nprobe}' if args.nprobe else ''}` on {machine()}; {simd()}.{f' {args.note}' if args.note else ''}",
+             f"p = 7, t = 100, topk 100, K = 1024, {m}, nprobe {args.nprobe or 'of each index'}, index factory `{args.factory}`, "
+             f"candidate stride {args.stride}, classes {args.classes}; index and store read once into the page cache before timing (as a "
+             f"server has them); batch 1 is the mean of {args.singles} queries attributed one call each (fastest and slowest in brackets), "
+             f"with the default {args.maps} heatmaps kept (what the CLI and API do) and without"
+             f"{''.join(f'; batch {b} one call' for b in batches)}; exact: {args.exact_queries} query; one run, so the ratios are the figures "
+             "to read.", "",
+             f"| N | index on disk | index s/query (batch 1, {args.maps} maps) | without maps |"
+             + "".join(f" index s/query (batch {b}) |" for b in batches) + " exact s/query | exact / index |",
+             "|---|---|---|---|" + "---|" * len(batches) + "---|---|"]
     for r in rows:
         spread = f" ({r['index_s_b1_min_max'][0]:.2f}-{r['index_s_b1_min_max'][1]:.2f})" if "index_s_b1_min_max" in r else ""
         nomaps = f"{r['index_s_per_query_b1_nomaps']:.3f}" if "index_s_per_query_b1_nomaps" in r else "-"
-        lines.append(f"| {r['n']:,} | {r['index_bytes'] / 2**30:.2f} GiB | {r[b1]:.3f}{spread} | {nomaps} | {r[bmax]:.3f} | {r['exact_s_per_query']:.2f} | {r['exact_s_per_query'] / r[b1]:.1f}x |")
+        b1 = r["index_s_per_query_b1"]
+        lines.append(f"| {r['n']:,} | {r['index_bytes'] / 2**30:.2f} GiB | {b1:.3f}{spread} | {nomaps} |"
+                     + "".join(f" {r[f'index_s_per_query_b{b}']:.3f} |" for b in batches)
+                     + f" {r['exact_s_per_query']:.2f} | {r['exact_s_per_query'] / b1:.1f}x |")
     update_section("bench_attribute_speed", "\n".join(lines))
 
 
@@ -237,6 +254,8 @@ def main() -> None:
     s.add_argument("--candidates", type=int, default=None, help="M (default: the library default)")
     s.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: each index's manifest)")
     s.add_argument("--maps", type=int, default=8, help="heatmaps kept (the CLI and API default); batch 1 is also timed without")
+    s.add_argument("--from-json", action="store_true", help="write the section from --work's speed.json; run nothing")
+    s.add_argument("--note", default="", help="a sentence on the machine's load, added to the section")
     args = ap.parse_args()
     fidelity(args) if args.cmd == "fidelity" else speed(args)
 
