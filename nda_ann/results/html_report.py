@@ -88,12 +88,12 @@ def _proponent_rows(d: QueryData, scores: dict[int, dict[int, float]], timesteps
         score = scores.get(mean_key, {}).get(i, 0.0)
         heat_cell = ('<span class="note">no map kept</span>' if np.isnan(heat).all() else
                      f'<img alt="heatmap of #{i} over the query" src="{data_uri(heatmap_png(d.query, heat))}">')
-        per_t = "".join(f'<td class="num">{scores.get(t, {}).get(i, 0.0):.4g}</td>' for t in timesteps) if len(timesteps) > 1 else ""
+        per_t = "".join(f'<td class="num">{scores.get(t, {}).get(i, 0.0):#.4g}</td>' for t in timesteps) if len(timesteps) > 1 else ""
         rows.append(
             f'<tr class="proponent" data-image-id="{i}"><td class="num">{rank}</td>'
             f'<td><img class="px" alt="training image #{i}" width="{max(PROPONENT_WIDTH, img.shape[1])}" src="{data_uri(png_bytes(img))}"></td>'
             f"<td>{heat_cell}</td>"
-            f'<td class="score" data-score="{score!r}">{score:.4g}</td>{per_t}'
+            f'<td class="score" data-score="{score!r}">{score:#.4g}</td>{per_t}'
             f'<td class="num">{i}</td><td>{html.escape(sources.get(i, ""))}</td></tr>'
         )
     return "\n".join(rows)
