@@ -58,12 +58,12 @@ def main() -> None:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"N={n:>6} {precision}: {row['seconds_per_query']:.2f} s/query, peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
-    from bench_md import machine, update_section
+    from bench_md import machine, simd, update_section
 
     lines = [
         "## Exact scorer (tools/bench_exact.py)",
         "",
-        f"`python tools/bench_exact.py --sizes {' '.join(map(str, args.sizes))} --queries {args.queries}` on {machine()}.",
+        f"`python tools/bench_exact.py --sizes {' '.join(map(str, args.sizes))} --queries {args.queries}` on {machine()}; {simd()}.",
         f"Real 32x32 photo crops, p = {args.scale}, t = {args.timestep}, topk 100, {args.queries} queries batched; peak RSS of a fresh process",
         "(includes Python, torch and the corpus as float32).",
         "",
