@@ -123,6 +123,7 @@ def stage_fidelity(work: Path, corpus: str, size: str, t: int, index: Path, conf
     path = fidelity_path(work, corpus, size, t)
     rows = json.loads(path.read_text()) if path.exists() else []
     for cfg in configs:
+        cfg = {"topk": TOPK, **cfg}  # the exact scores' topk, whatever the attributor's default
         key = {"index": Path(index).name, **cfg}
         if not repeat and any(r["key"] == key for r in rows):
             continue
