@@ -46,7 +46,7 @@ def update_section(name: str, body: str, path: Path | None = None) -> None:
     """Put ``body`` between ``<!-- name -->`` and ``<!-- /name -->`` (appended if absent) of ``path``
     (default: ``section_file(name)``); atomic write."""
     path = section_file(name) if path is None else path
-    header = f"# {path.stem.capitalize()} benchmarks\n\nPart of the benchmark record ([BENCHMARKS.md](../../BENCHMARKS.md) has the headline table).\n"
+    header = f"# {path.stem.capitalize()} benchmarks\n\nPart of the benchmark record (BENCHMARKS.md, at the top of the repository, has the headline table).\n"
     text = path.read_text() if path.exists() else (HEADER if path == BENCHMARKS else header)
     block = f"<!-- {name} -->\n{body.rstrip()}\n<!-- /{name} -->"
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)

@@ -3,7 +3,7 @@
 
     python tools/million.py all                  # every stage for 5k, 100k, 300k and 1M images
     python tools/million.py build --size 1m      # one stage, one size (stages below)
-    python tools/million.py report               # BENCHMARKS.md section + docs/million.png
+    python tools/million.py report               # BENCHMARKS.md section + docs/benchmarks/million.png
 
 Stages, each resumable and cached under --work (default results/million, not committed):
 

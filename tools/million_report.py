@@ -1,4 +1,4 @@
-"""BENCHMARKS.md section and docs/million.png from the records of tools/million.py."""
+"""BENCHMARKS.md section and docs/benchmarks/million.png from the records of tools/million.py."""
 from __future__ import annotations
 
 import json
@@ -175,8 +175,8 @@ def report(work: Path, sizes: dict[str, int], serve: dict) -> None:
              "class only, PCA64 + IVF8192-HNSW + SQ8). Attribution: " + ", ".join(f"{k} = {v}" for k, v in serve.items()) +
              ", one timestep, batch 1, in a fresh process with the index memory-mapped. Exact = the exact scorer (float32) on the same 4 held-out queries and noise. "
              "Several stages ran side by side on the 2 cores, so times are upper bounds; the ratios within a row are the figures to read.", "",
-             *table(data), "", "![million](../million.png)", "", *configs_table(work, "5k"), "", *sweep_table(work, "100k"), "",
+             *table(data), "", "![million](million.png)", "", *configs_table(work, "5k"), "", *sweep_table(work, "100k"), "",
              *sweep_table(work, "5k"), "", *past_one_machine(data, serve["candidates"])]
     update_section("million_run", "\n".join(lines))
-    plot(data, ROOT / "docs" / "million.png")
+    plot(data, ROOT / "docs" / "benchmarks" / "million.png")
     print("\n".join(lines))
