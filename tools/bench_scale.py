@@ -174,7 +174,8 @@ def _settings_label(key: dict) -> str:
     if not k:
         return "defaults"
     names = {"candidates": "M", "time_budget": "budget s", "max_outside": "F", "outside_sample": "sample", "tail": "tail", "k": "K"}
-    return ", ".join(f"{names.get(a, a)} = {b}" for a, b in k.items())
+    values = {("tail", True): "retrieved (unscaled)", ("tail", False): "off", ("tail", "scaled"): "scaled"}
+    return ", ".join(f"{names.get(a, a)} = {values.get((a, b), b)}" for a, b in k.items())
 
 
 def stage_report(work: Path) -> None:

@@ -8,8 +8,8 @@ For each query and timestep (docs/scores.md, "The index estimator"):
 3. re-score the top M candidate images exactly at every position from the store's pixels
    (rescore.py); the non-candidates enter the normaliser through the exact mass of their retrieved
    patches (known.py) plus an unbiased estimate of the rest (outside.py), reported as
-   ``outside_mass``; images outside the M score the weights of their retrieved patches (tail.py),
-   or 0 (``tail=False``: docs/scores.md section 5's estimator);
+   ``outside_mass``; images outside the M score the weights of their retrieved patches, by default
+   scaled up to the estimated outside mass (tail.py), or 0 (``tail=False``: docs/scores.md section 5's estimator);
 4. keep heatmaps of the top images (maps.py).
 ``mode="fast"`` stops after step 1 and scores the truncated softmax over the K retrieved patches
 (fast.py). Where M is a large share of the corpus (``FULL_RESCORE_SHARE``) every image is re-scored
@@ -152,7 +152,7 @@ class Attributor:
         outside_sample: int | None = None,
         precision: str = "float32",
         maps: int = 8,
-        tail: bool | None = None,
+        tail: bool | str | None = None,
         rerank: int | None = None,
         names: Sequence[str] | None = None,
         progress: bool = False,
@@ -165,11 +165,13 @@ class Attributor:
 
         Returns an Attribution with scores (T, Q, N), heatmaps of the top ``maps`` images (by mean
         score and at each timestep, kept at every timestep), and the estimated mass outside the M
-        candidates per query and scale. ``tail`` (default on; None means the default) scores
-        non-candidates by their retrieved patches; ``candidates`` None means
-        ``default_candidates(sigma^2)`` per timestep; ``rerank`` > 1 re-ranks a pool of rerank x M
-        candidates (rerank.py); ``outside_sample`` (None: 512) non-candidate images, one position each
-        per layout class, estimate the non-candidates' share of the normaliser. ``max_outside`` F and / or
+        candidates per query and scale. ``tail`` scores non-candidates by their retrieved patches:
+        "scaled" (the default, None) scales those weights up to the estimated outside mass at each query
+        position (at most tail.SCALE_CAP times), True keeps them unscaled, False scores 0. ``candidates``
+        None means M sized by the outside mass (rounds to ``max_outside`` 0.3, at most 1,000); a number
+        fixes M. ``rerank`` > 1 re-ranks a pool of rerank x M candidates (rerank.py); ``outside_sample``
+        (None: 128) non-candidate images, each scored at every position, estimate the non-candidates'
+        share of the normaliser (outside_images.py). ``max_outside`` F and / or
         ``time_budget`` S (seconds per query): re-score candidates in rounds until the estimated share
         outside them is below F or the time is spent (rounds.py; ``candidates`` then caps M);
         ``result.rounds`` says per query and timestep what was reached. Query images of another size are

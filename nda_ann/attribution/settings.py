@@ -32,6 +32,10 @@ DEFAULT_RERANK = 1
 # error of the estimated outside share -0.12 with 64 images, -0.05 with 256, against -0.16 for the earlier
 # pair sampler's 512 (docs/benchmarks/outside.md).
 DEFAULT_OUTSIDE_SAMPLE = 128
+# Non-candidates' tail scores scaled to the estimated outside mass: subset-sum Spearman at t = 100 / 300 (topk 100,
+# docs/benchmarks/scale.md) never lower than unscaled, and higher where much mass is outside the M (5k photos,
+# t = 300: 0.930 -> 0.969; 20k crops 0.991 -> 0.994).
+DEFAULT_TAIL = "scaled"
 GUIDE_SHARE = 0.5
 # rounds (rounds.py): the first round's candidates, and the most a query may reach when ``candidates``
 # does not say. By default (no ``candidates``, no target, no budget) M is sized by the outside mass:
@@ -73,7 +77,7 @@ class AttributionSettings:
     outside_sample: int = DEFAULT_OUTSIDE_SAMPLE
     precision: str = "float32"
     maps: int = 8
-    tail: bool | str = True  # True: retrieved non-candidates score their weights; "scaled": scaled to the outside mass
+    tail: bool | str = "scaled"  # "scaled": retrieved weights scaled to the outside mass; True: unscaled; False: 0
     rerank: int = DEFAULT_RERANK
     outside_estimator: str = "images"  # "images": each sampled image at every position; "pairs": one position each
     max_outside: float | None = None  # re-score in rounds until the estimated outside share is below it
@@ -124,7 +128,7 @@ class AttributionSettings:
             raise ValueError("rerank sizes a fixed candidate pool; it does not combine with max_outside / time_budget rounds")
         if tail not in (None, True, False, "scaled"):
             raise ValueError(f"tail must be True, False or 'scaled', got {tail!r}")
-        tail = (True if tail is None else tail) if mode == "rescore" else False
+        tail = (DEFAULT_TAIL if tail is None else tail) if mode == "rescore" else False
         return cls(ts, tail=tail, rerank=rerank, outside_sample=int(outside_sample), **kw)
 
     @property

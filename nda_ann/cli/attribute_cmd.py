@@ -9,6 +9,9 @@ import click
 from .group import main
 
 
+TAIL_MODES = {"scaled": "scaled", "retrieved": True, "off": False}  # --tail -> Attributor.attribute(tail=)
+
+
 class ScaleParam(click.ParamType):
     """P or P:F, e.g. 7 or 14:2."""
 
@@ -41,16 +44,16 @@ def _common(f):
         click.option("--outside-sample", type=click.IntRange(min=0), default=None, help="Non-candidate images sampled, each scored at every position, to estimate the mass outside the M (default 128; 0: only the retrieved patches count)."),
         click.option("--max-outside", type=click.FloatRange(0, 1, min_open=True), default=None, help="Re-score candidates in rounds until the estimated share of the softmax mass outside them is below this (the default 0.3 when --candidates is not given); --candidates then caps M (default 1,000)."),
         click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds per query image (all timesteps) for those rounds: stop when the next round would not fit."),
-        click.option("--tail/--no-tail", default=None, help="Score non-candidates by the weights of their retrieved patches (default on; --no-tail scores them 0 as docs/scores.md section 5)."),
-        click.option("--scaled-tail", is_flag=True, default=False, help="Scale each query position's retrieved non-candidate weights up to the estimated outside mass there (at most 10x): tail='scaled' in Python."),
+        click.option("--tail", "tail_mode", type=click.Choice(list(TAIL_MODES)), default=None, help="How non-candidates score: scaled (default): the weights of their retrieved patches, scaled up to the estimated outside mass at each query position (at most 10x); retrieved: those weights unscaled (a lower bound); off: 0, as docs/scores.md section 5."),
+        click.option("--no-tail", is_flag=True, default=False, help="Same as --tail off."),
         click.option("--resize/--no-resize", "allow_resize", default=True, show_default=True, help="Resize query images of another size than the corpus as the training images were (shorter side, centre crop), with a warning and a record in summary.json; --no-resize refuses them."),
     ]
 
     @functools.wraps(f)
-    def merged(*args, scaled_tail: bool = False, tail: bool | None = None, **kw):
-        if scaled_tail and tail is False:
-            raise click.UsageError("--scaled-tail and --no-tail contradict each other")
-        return f(*args, tail="scaled" if scaled_tail else tail, **kw)
+    def merged(*args, tail_mode: str | None = None, no_tail: bool = False, **kw):
+        if no_tail and tail_mode not in (None, "off"):
+            raise click.UsageError(f"--tail {tail_mode} and --no-tail contradict each other")
+        return f(*args, tail=TAIL_MODES["off" if no_tail else tail_mode] if (no_tail or tail_mode) else None, **kw)
 
     for opt in reversed(opts):
         merged = opt(merged)

@@ -157,14 +157,15 @@ def test_tail_option_scores_retrieved_non_candidates_and_leaves_candidates_alone
     att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
     kw = dict(k=64, candidates=5, outside_sample=8, topk=None)
     base = att.attribute(queries, 300, tail=False, **kw).scores[0]
-    default = att.attribute(queries, 300, **kw).scores[0]  # exact distances: tail on by default
+    default = att.attribute(queries, 300, **kw).scores[0]  # the default: the tail scaled to the outside mass
+    scaled = att.attribute(queries, 300, tail="scaled", **kw).scores[0]
     tail = att.attribute(queries, 300, tail=True, **kw).scores[0]
     for q in range(len(queries)):
         cand = np.nonzero(base[q])[0]
         np.testing.assert_array_equal(tail[q, cand], base[q, cand])
         others = np.setdiff1d(np.arange(len(corpus)), cand)
         assert (tail[q, others] > 0).any() and (tail[q, others] >= 0).all()
-    np.testing.assert_array_equal(default, tail)
+    np.testing.assert_array_equal(default, scaled)
 
 
 class _Shifted:

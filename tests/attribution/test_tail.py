@@ -29,6 +29,7 @@ def _run(small, tail):
 def test_scaled_tail_keeps_candidate_scores_and_raises_non_candidates_at_most_the_cap(small):
     plain, scaled, off = _run(small, True), _run(small, "scaled"), _run(small, False)
     assert scaled.settings["tail"] == "scaled" and plain.settings["tail"] is True
+    assert _run(small, None).settings["tail"] == "scaled"  # the default
     raised = 0
     for q in range(plain.scores.shape[1]):
         cand = plain.candidate_ids[(0, q)]
@@ -45,11 +46,13 @@ def test_scaled_tail_keeps_candidate_scores_and_raises_non_candidates_at_most_th
     assert raised > 0  # some outside mass is unretrieved here, so some tails were scaled up
 
 
-def test_cli_scaled_tail_is_recorded_and_contradicting_no_tail_is_refused(small, tmp_path):
+def test_cli_tail_modes_are_recorded_and_contradicting_no_tail_is_refused(small, tmp_path):
     q = str(small.queries["gen0.png"])
     args = ["attribute", str(small.index), q, "-m", "6", "--k", "32", "--topk", "20", "--out"]
-    r = CliRunner().invoke(main, [*args, str(tmp_path / "a"), "--scaled-tail"])
-    assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "a" / "summary.json").read_text())["settings"]["tail"] == "scaled"
-    r = CliRunner().invoke(main, [*args, str(tmp_path / "b"), "--scaled-tail", "--no-tail"])
+    for extra, want in (([], "scaled"), (["--tail", "retrieved"], True), (["--tail", "off"], False), (["--no-tail"], False)):
+        out = tmp_path / f"run{len(extra)}{want}"
+        r = CliRunner().invoke(main, [*args, str(out), *extra])
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "summary.json").read_text())["settings"]["tail"] == want
+    r = CliRunner().invoke(main, [*args, str(tmp_path / "b"), "--tail", "scaled", "--no-tail"])
     assert r.exit_code == 2 and "contradict" in r.output and not (tmp_path / "b").exists()
