@@ -194,12 +194,12 @@ def stage_report(work: Path) -> None:
                  "p = 7, topk 100, each attributed alone after a warm-up, index and store in the page cache; exact = the exact "
                  "scorer (float32) on the same noise. Columns: top-10 overlap, subset-sum Spearman, relative L1; M re-scored "
                  "(mean), estimated / true share of the softmax mass outside the M (mean), candidate recall (the M's share of "
-                 "the exact mass over the exact top M's), median seconds per query (the machine's load noted below).", "",
+                 "the exact mass over the exact top M's), median seconds per query (load: the section "Reading the scale figures" below).", "",
                  "| index | settings | top-10 | subset-sum | rel. L1 | M | est. / true outside | recall | s / query |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             pq = r["per_query"]
-            lines.append(f"| {r['key']['index']} | {_settings_label(r['key'])} | {r['top10_overlap']:.2f} | {r['subset_sum_spearman']:.3f} | "
+            lines.append(f"| {r['key']['index']} | {_settings_label(r['key'])} | {r['top10_overlap']:.3f} | {r['subset_sum_spearman']:.3f} | "
                          f"{r['relative_l1']:.3f} | {np.mean([p['m'] for p in pq]):.0f} | {np.mean([p['est_outside'] for p in pq]):.2f} / "
                          f"{np.mean([p['true_outside'] for p in pq]):.2f} | {np.mean([p['recall'] for p in pq]):.2f} | {np.median(r['s_per_query']):.2f} |")
         lines += ["", "What the M best images can give at most (their exact scores, the rest 0), and the share of the mass they hold:", "",
