@@ -194,7 +194,7 @@ def stage_report(work: Path) -> None:
                  "p = 7, topk 100, each attributed alone after a warm-up, index and store in the page cache; exact = the exact "
                  "scorer (float32) on the same noise. Columns: top-10 overlap, subset-sum Spearman, relative L1; M re-scored "
                  "(mean), estimated / true share of the softmax mass outside the M (mean), candidate recall (the M's share of "
-                 "the exact mass over the exact top M's), median seconds per query (load: the section "Reading the scale figures" below).", "",
+                 "the exact mass over the exact top M's), median seconds per query (load: the section 'Reading the scale figures' below).", "",
                  "| index | settings | top-10 | subset-sum | rel. L1 | M | est. / true outside | recall | s / query |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
