@@ -53,7 +53,8 @@ def _common(f):
     def merged(*args, tail_mode: str | None = None, no_tail: bool = False, **kw):
         if no_tail and tail_mode not in (None, "off"):
             raise click.UsageError(f"--tail {tail_mode} and --no-tail contradict each other")
-        return f(*args, tail=TAIL_MODES["off" if no_tail else tail_mode] if (no_tail or tail_mode) else None, **kw)
+        mode = "off" if no_tail else tail_mode
+        return f(*args, tail=None if mode is None else TAIL_MODES[mode], **kw)
 
     for opt in reversed(opts):
         merged = opt(merged)
