@@ -20,6 +20,19 @@ CHROMEDRIVER = Path(os.environ.get("NDA_ANN_CHROMEDRIVER", "/usr/bin/chromedrive
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def require(module: str):
+    """Import ``module`` (a server dependency of the ``test`` extra): skip with the reason where it is
+    missing, except in CI, where a missing dependency is a failure (a skip would hide the tests)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except (ImportError, RuntimeError) as err:  # starlette's test client raises RuntimeError without httpx2
+        if IN_CI:
+            pytest.fail(f"{module} is needed by the server tests (pip install -e '.[test]'): {err}", pytrace=False)
+        pytest.skip(f"{module} is not importable ({err}); pip install -e '.[test]'", allow_module_level=True)
+
+
 @dataclass
 class SmallIndex:
     """A 60-image 16x16 store of real photo crops, its index (scales 5 and 4:2), and query files."""

@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("fastapi")
+from serve_helpers import (ServerThread, browser_or_skip, build_small_index, close_browser, multipart, require,
+                           screenshot_dir, screenshot_stats)
+
+require("fastapi")
 
 from nda_ann.cli import main  # noqa: E402
 from nda_ann.serve import ServeConfig, create_app  # noqa: E402
 from nda_ann.serve.service import AttributionService  # noqa: E402
-
-from serve_helpers import (ServerThread, browser_or_skip, build_small_index, close_browser, multipart,  # noqa: E402
-                           screenshot_dir, screenshot_stats)
 
 pytestmark = pytest.mark.browser
 WAIT_S = 60

@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
+from serve_helpers import build_small_index, png, require
 
-from fastapi.testclient import TestClient  # noqa: E402
+TestClient = require("fastapi.testclient").TestClient
 
 from nda_ann import Attributor  # noqa: E402
 from nda_ann.serve import ServeConfig, create_app  # noqa: E402
 from nda_ann.serve.service import AttributionService  # noqa: E402
-
-from serve_helpers import build_small_index, png  # noqa: E402
 
 
 @pytest.fixture(scope="module")

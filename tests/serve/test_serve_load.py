@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from serve_helpers import build_small_index, free_port, multipart, require
 
-from serve_helpers import build_small_index, free_port, multipart  # noqa: E402
+require("fastapi")
+require("uvicorn")
 
 pytestmark = pytest.mark.load
 DURATION_S = float(os.environ.get("NDA_ANN_LOAD_SECONDS", "60"))
