@@ -91,15 +91,12 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_shard(out: Path, seed: int, index: int, first_row: int, rows: int, size: int) -> tuple[int, int, float]:
-    """Write shard ``index`` (rows first_row .. first_row + rows - 1); returns (index, rows, seconds)."""
-    start = time.perf_counter()
-    params = shard_params(seed, index, rows, size)
-    path = shard_path(out, index)
+def write_crop_shard(path: Path, params: dict[str, str], stream, first_row: int, rows: int) -> None:
+    """Write ``rows`` crops from ``stream`` (yields (img, crop, sha)) as one Parquet shard at ``path``,
+    atomically, with ``params`` and the HF features in its metadata; rows are numbered from first_row."""
     meta = {f"nda_ann.{k}".encode(): v.encode() for k, v in params.items()}
     meta[b"huggingface"] = json.dumps({"info": {"features": HF_FEATURES}}).encode()
     schema = SCHEMA.with_metadata(meta)
-    stream = iter_photo_crops(size, (seed, index), "train", rotate=True, jitter=True)
     with atomic_file(path) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
             for lo in range(0, rows, ROW_GROUP):
@@ -113,6 +110,13 @@ def make_shard(out: Path, seed: int, index: int, first_row: int, rows: int, size
                                         ("brightness", b), ("contrast", c), ("saturation", s), ("sha", digest)):
                         cols[name].append(value)
                 writer.write_table(pa.table(cols, schema=schema))
+
+
+def make_shard(out: Path, seed: int, index: int, first_row: int, rows: int, size: int) -> tuple[int, int, float]:
+    """Write shard ``index`` (rows first_row .. first_row + rows - 1); returns (index, rows, seconds)."""
+    start = time.perf_counter()
+    params = shard_params(seed, index, rows, size)
+    write_crop_shard(shard_path(out, index), params, iter_photo_crops(size, (seed, index), "train", rotate=True, jitter=True), first_row, rows)
     return index, rows, time.perf_counter() - start
 
 

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import click
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_corpus import HF_FEATURES, ROW_GROUP, SCHEMA, encode_png, make_all_shards, shard_path  # noqa: E402
+from make_corpus import make_all_shards, shard_path, write_crop_shard  # noqa: E402
 from nda_ann.atomic import atomic_file, write_json_atomic  # noqa: E402  (make_corpus put the package on the path)
 import photo_corpus as pc  # noqa: E402
 import photo_finder as pf  # noqa: E402
@@ -98,23 +97,7 @@ def make_shard(out: Path, seed: int, index: int, first_row: int, rows: int, size
     if key not in _PHOTOS:
         _PHOTOS[key] = pc.load_corpus(out)[1]
     params = shard_params(seed, index, rows, size, digest)
-    meta = {f"nda_ann.{k}".encode(): v.encode() for k, v in params.items()}
-    meta[b"huggingface"] = json.dumps({"info": {"features": HF_FEATURES}}).encode()
-    schema = SCHEMA.with_metadata(meta)
-    stream = pc.iter_train_crops(_PHOTOS[key], (seed, index), size)
-    with atomic_file(shard_path(out, index)) as tmp:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for lo in range(0, rows, ROW_GROUP):
-                cols: dict[str, list] = {name: [] for name in SCHEMA.names}
-                for row in range(first_row + lo, first_row + min(lo + ROW_GROUP, rows)):
-                    img, crop, digest_ = next(stream)
-                    b, c, s = crop.jitter or (1.0, 1.0, 1.0)
-                    cols["image"].append({"bytes": encode_png(img), "path": f"{row:08d}.png"})
-                    for name, value in (("source", crop.source), ("photo", crop.photo), ("x", crop.x), ("y", crop.y),
-                                        ("scale", crop.scale), ("angle", crop.angle), ("flip", crop.flip),
-                                        ("brightness", b), ("contrast", c), ("saturation", s), ("sha", digest_)):
-                        cols[name].append(value)
-                writer.write_table(pa.table(cols, schema=schema))
+    write_crop_shard(shard_path(out, index), params, pc.iter_train_crops(_PHOTOS[key], (seed, index), size), first_row, rows)
     return index, rows, time.perf_counter() - start
 
 

@@ -44,12 +44,12 @@ from PIL import Image
 from photo_finder import file_sha256
 
 try:
-    from nda_ann.corpus.demo_corpus import Box, Crop  # Box: a half-open pixel box, here in working-image coordinates
+    from nda_ann.corpus.demo_corpus import Box, Crop, finish_crop  # Box: a half-open pixel box, here in working-image coordinates
 except ModuleNotFoundError:  # run from a checkout without installing
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nda_ann.corpus.demo_corpus import Box, Crop
+    from nda_ann.corpus.demo_corpus import Box, Crop, finish_crop
 
 GENERATOR = "nda-ann make_photo_corpus v2"  # bump when the crop recipe changes: old shards then mismatch
 HOLDOUT_PHOTOS = 0.1
@@ -147,30 +147,13 @@ def load_corpus(corpus: str | Path | None = None) -> tuple[dict, list[CorpusPhot
     return manifest, photos
 
 
-def colour_jitter(img: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
-    """(H, W, 3) uint8 -> uint8: scale brightness, contrast about the mean, saturation about grey."""
-    x = img.astype(np.float32) * brightness
-    x = (x - x.mean()) * contrast + x.mean()
-    grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    x = grey[..., None] + (x - grey[..., None]) * saturation
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
 def cut(photo: CorpusPhoto, crop: Crop, region: Literal["train", "heldout"], size: int) -> np.ndarray:
     """Pixels of one crop, (size, size, 3) uint8, read from ``region`` of ``photo`` only."""
     box = photo.region(region)
     lx, ly, s = crop.x - box.x0, crop.y - box.y0, crop.scale
     if lx < 0 or ly < 0 or lx + s > box.width or ly + s > box.height:
         raise ValueError(f"{crop.source} leaves the {region} region {box} of {photo.name}")
-    win = Image.fromarray(np.ascontiguousarray(photo.pixels[crop.y : crop.y + s, crop.x : crop.x + s]))
-    if s != size:
-        win = win.resize((size, size), Image.Resampling.LANCZOS)
-    out = np.asarray(win)
-    if crop.flip:
-        out = out[:, ::-1]
-    if crop.jitter is not None:
-        out = colour_jitter(out, *crop.jitter)
-    return np.ascontiguousarray(out)
+    return finish_crop(Image.fromarray(np.ascontiguousarray(photo.pixels[crop.y : crop.y + s, crop.x : crop.x + s])), crop, size)
 
 
 def _spatial_std(img: np.ndarray) -> float:

@@ -214,17 +214,23 @@ def _cut(photo: Photo, crop: Crop, region: Region, size: int) -> np.ndarray:
         cx, cy = lx + s / 2, ly + s / 2
         coeffs = (c, -si, cx - c * s / 2 + si * s / 2, si, c, cy - si * s / 2 - c * s / 2)
         win = img.transform((s, s), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC)
-    if s != size:
+    return finish_crop(win, crop, size)
+
+
+def finish_crop(win: Image.Image, crop: Crop, size: int) -> np.ndarray:
+    """A crop's s x s window (already cut and rotated) to its (size, size, 3) uint8 pixels: resized
+    (LANCZOS), flipped and colour-jittered as ``crop`` says."""
+    if win.size != (size, size):
         win = win.resize((size, size), Image.Resampling.LANCZOS)
     out = np.asarray(win)
     if crop.flip:
         out = out[:, ::-1]
     if crop.jitter is not None:
-        out = _colour_jitter(out, *crop.jitter)
+        out = colour_jitter(out, *crop.jitter)
     return np.ascontiguousarray(out)
 
 
-def _colour_jitter(img: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+def colour_jitter(img: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
     """(H, W, 3) uint8 -> uint8: scale brightness, contrast about the mean, saturation about grey."""
     x = img.astype(np.float32) * brightness
     x = (x - x.mean()) * contrast + x.mean()
