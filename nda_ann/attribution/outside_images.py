@@ -18,7 +18,7 @@ import torch
 
 from ..scoring.scales import Scale
 from .outside import Guide, OutsideSample, non_candidates
-from .rescore import _Scan
+from .rescore import PositionScan
 
 
 def sample_images(corpus, query_patches: torch.Tensor, groups: list, scale: Scale, s: float, inv: float, known: tuple,
@@ -38,7 +38,7 @@ def sample_images(corpus, query_patches: torch.Tensor, groups: list, scale: Scal
     else:
         ids, log_w = guide.draw(size, rng)
     uniq, inverse = np.unique(ids, return_inverse=True)
-    scan = _Scan(query_patches, scale, groups, inv, None, hint)
+    scan = PositionScan(query_patches, scale, groups, inv, None, hint)
     for lo in range(0, len(uniq), step):
         scan.add(corpus.images_on(uniq[lo : lo + step], query_patches.device, query_patches.dtype) * s)
     full = torch.cat(scan.aggs, -1).double().cpu()  # (L, U): each sampled image's mass, relative to the shift

@@ -41,7 +41,7 @@ class Rescored:
     log_z_out: dict | None = None  # (draw, scale) -> (L,) log of the non-candidates' estimated part of log_z
 
 
-class _Scan:
+class PositionScan:
     """The shifted masses of one query at one (draw, scale) over the candidates added so far."""
 
     def __init__(self, qp: torch.Tensor, sc: Scale, groups: list[LayoutGroup], inv: float, topk: int | None,
@@ -87,7 +87,7 @@ class Rescoring:
                  shift_hint: dict | None = None):
         self.corpus, self.scales, self.weights, self.draws, self.s = corpus, scales, weights, draws, s
         inv = 1.0 / (2.0 * sigma2)
-        self.scans = {(d, sc): _Scan(patches[(d, sc)], sc, groups[sc], inv, topk, None if shift_hint is None else shift_hint.get((d, sc)))
+        self.scans = {(d, sc): PositionScan(patches[(d, sc)], sc, groups[sc], inv, topk, None if shift_hint is None else shift_hint.get((d, sc)))
                       for sc in scales for d in range(draws)}
         some = next(iter(patches.values()))
         self.device, self.dtype = some.device, some.dtype
