@@ -24,6 +24,8 @@ BROAD_SIGMA2 = 0.3
 # subset of query positions (rerank.py). Off by default: measured on 5,000 crops with a stride-4 index
 # at t = 100, M = 200 (BENCHMARKS.md, "rerank_5000"), x 4 moved subset-sum Spearman 0.945 -> 0.960 but
 # top-10 overlap 0.87 -> 0.85, for 55% more dense work.
+# At 100k crops (million recipe) it raises candidate recall at M = 500 only from 0.781 to 0.821, where a
+# perfect re-ranking of the same pool would reach 0.912 (docs/benchmarks/scale.md, tools/bench_recall.py).
 DEFAULT_RERANK = 1
 # non-candidate images sampled per query, scale and noise draw to estimate the non-candidates' share of
 # the normaliser, half of them drawn towards the images whose patches were retrieved (GUIDE_SHARE). The
