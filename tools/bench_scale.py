@@ -3,6 +3,7 @@
 
     python tools/bench_scale.py store --corpus photos --size 100k                # the first 100k images as a store
     python tools/bench_scale.py exact --corpus crops --size 100k --t 100 300     # resumable, per query
+    python tools/bench_scale.py speed --corpus crops --size 300k --index INDEX     # time only, where exact is not cached
     python tools/bench_scale.py status
 
 Exact scores (p = 7, topk 100, float32, the same noise as the index path) are cached under
@@ -153,6 +154,46 @@ def stage_fidelity(work: Path, corpus: str, size: str, t: int, index: Path, conf
         print(json.dumps({k: v for k, v in row.items() if k not in ("per_query", "queries")}), flush=True)
 
 
+def speed_path(work: Path, corpus: str, size: str, t: int) -> Path:
+    return Path(work) / "speed" / f"{corpus}-{size}-t{t}.json"
+
+
+def stage_speed(work: Path, corpus: str, size: str, t: int, index: Path, configs: list[dict], count: int) -> None:
+    """The index path where no exact scores are cached (300k, 1M): seconds per query, M reached and the
+    estimated outside share of the first ``count`` queries, one row per settings in ``configs``, each
+    query attributed alone after a warm-up, index and store in the page cache; the process's peak RSS."""
+    from warm import warm_page_cache
+
+    from nda_ann import Attributor
+    from nda_ann.atomic import write_json_atomic
+
+    images, names, _ = queries(work, corpus)
+    att = Attributor.open(index)
+    warm_page_cache([Path(index), *att.searcher.store_paths()])
+    path = speed_path(work, corpus, size, t)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    for cfg in configs:
+        cfg = {"topk": TOPK, **cfg}
+        key = {"index": Path(index).name, **cfg}
+        att.attribute(images[:1], t, **cfg)  # warm-up
+        secs, recs = [], []
+        for q in range(min(count, len(images))):
+            t0 = time.perf_counter()
+            res = att.attribute(images[q : q + 1], t, **cfg)
+            secs.append(time.perf_counter() - t0)
+            rec = res.rounds.get((0, 0))
+            recs.append({"m": int(res.candidates_used[0, 0]), "est_outside": float(res.outside_mass[0, 0].mean()),
+                         "stopped_by": rec.stopped_by if rec else None})
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        row = {"key": key, "queries": [names[q] for q in range(len(secs))], "s_per_query": secs, "per_query": recs,
+               "vm_hwm_bytes": int(status["VmHWM"].split()[0]) * 1024, "images": att.corpus.count}
+        rows = [r for r in rows if r["key"] != key] + [row]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, rows)
+        print(json.dumps({"key": key, "median_s": float(np.median(secs)), "m": [r["m"] for r in recs],
+                          "est_outside": [round(r["est_outside"], 3) for r in recs]}), flush=True)
+
+
 def oracle_rows(exact: np.ndarray, mass: np.ndarray, ms: list[int]) -> list[dict]:
     """What M candidates can give at best: the exact scores of the exact top M by score (the rest 0),
     against exact, and the share of the softmax mass the top M images hold."""
@@ -214,6 +255,29 @@ def stage_report(work: Path) -> None:
         print(f"wrote scale_{corpus}_{size}_t{t}")
 
 
+def report_speed(work: Path) -> None:
+    """The speed rows (no exact scores) into docs/benchmarks/scale.md."""
+    from bench_md import machine, simd, update_section
+
+    for path in sorted((Path(work) / "speed").glob("*.json")):
+        corpus, size, t = path.stem.split("-")
+        rows = json.loads(path.read_text())
+        lines = [f"## {corpus}, {SIZES[size]:,} images, t = {t[1:]}: time without exact scores (tools/bench_scale.py speed)", "",
+                 f"`python tools/bench_scale.py speed --corpus {corpus} --size {size} --t {t[1:]} --index INDEX --configs ...` on "
+                 f"{machine()}; {simd()}. {len(rows[0]['queries'])} held-out queries, p = 7, topk 100, each attributed alone after a "
+                 "warm-up, index and store in the page cache. No exact scores at this size: fidelity is not measured here. "
+                 "Columns: M re-scored (mean), estimated share of the mass outside the M (mean), median seconds per query, peak "
+                 "resident memory of the process (load: the section 'Reading the scale figures' above).", "",
+                 "| index | settings | M | est. outside | s / query | peak RSS |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            pq = r["per_query"]
+            lines.append(f"| {r['key']['index']} | {_settings_label(r['key'])} | {np.mean([p['m'] for p in pq]):.0f} | "
+                         f"{np.mean([p['est_outside'] for p in pq]):.2f} | {np.median(r['s_per_query']):.2f} | "
+                         f"{r['vm_hwm_bytes'] / 2**30:.1f} GiB |")
+        update_section(f"scale_speed_{corpus}_{size}_{t}", "\n".join(lines))
+        print(f"wrote scale_speed_{corpus}_{size}_{t}")
+
+
 def stage_status(work: Path) -> None:
     for corpus in ("crops", "photos"):
         for size in SIZES:
@@ -225,7 +289,7 @@ def stage_status(work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["store", "exact", "fidelity", "oracle", "report", "status"])
+    ap.add_argument("stage", choices=["store", "exact", "fidelity", "speed", "oracle", "report", "status"])
     ap.add_argument("--index", type=Path, default=None, help="fidelity: the index to attribute through")
     ap.add_argument("--configs", type=json.loads, default=[{}], help="fidelity: JSON list of Attributor.attribute settings")
     ap.add_argument("--repeat", action="store_true", help="fidelity: measure again a settings row already recorded")
@@ -236,7 +300,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4, help="queries per pass over the store")
     ap.add_argument("--budget", default="4G", help="memory budget of the exact scorer")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--queries", type=int, default=QUERIES, help="exact: score only the first N queries (the large sizes)")
+    ap.add_argument("--queries", type=int, default=QUERIES, help="exact / speed: only the first N queries (the large sizes)")
     args = ap.parse_args()
     if args.stage == "store":
         stage_store(args.work, args.corpus, args.size, args.workers)
@@ -251,8 +315,12 @@ def main() -> None:
     elif args.stage == "fidelity":
         for t in args.t:
             stage_fidelity(args.work, args.corpus, args.size, t, args.index, args.configs, args.repeat)
+    elif args.stage == "speed":
+        for t in args.t:
+            stage_speed(args.work, args.corpus, args.size, t, args.index, args.configs, args.queries)
     elif args.stage == "report":
         stage_report(args.work)
+        report_speed(args.work)
     else:
         stage_status(args.work)
 
