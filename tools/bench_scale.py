@@ -105,6 +105,16 @@ def fidelity_path(work: Path, corpus: str, size: str, t: int) -> Path:
     return Path(work) / "fidelity" / f"{corpus}-{size}-t{t}.json"
 
 
+def attribute_each(att, images: np.ndarray, qs: list[int], t: int, cfg: dict):
+    """Yield (i, q, result, seconds) for each query ``q`` of ``qs`` attributed alone (what a user waits
+    for), after one warm-up query."""
+    att.attribute(images[qs[0] : qs[0] + 1], t, **cfg)
+    for i, q in enumerate(qs):
+        t0 = time.perf_counter()
+        res = att.attribute(images[q : q + 1], t, **cfg)
+        yield i, q, res, time.perf_counter() - t0
+
+
 def stage_fidelity(work: Path, corpus: str, size: str, t: int, index: Path, configs: list[dict], repeat: bool = False) -> None:
     """The index path against exact on the queries scored exactly, one row per settings in ``configs``
     (keyword arguments of ``Attributor.attribute``), each query attributed alone (what a user waits for)."""
@@ -128,12 +138,9 @@ def stage_fidelity(work: Path, corpus: str, size: str, t: int, index: Path, conf
         key = {"index": Path(index).name, **cfg}
         if not repeat and any(r["key"] == key for r in rows):
             continue
-        att.attribute(images[done[0] : done[0] + 1], t, **cfg)  # warm-up
         scores, secs, recs = [], [], []
-        for i, q in enumerate(done):
-            t0 = time.perf_counter()
-            res = att.attribute(images[q : q + 1], t, **cfg)
-            secs.append(time.perf_counter() - t0)
+        for i, q, res, sec in attribute_each(att, images, done, t, cfg):
+            secs.append(sec)
             scores.append(res.scores[0, 0])
             cand = res.candidate_ids.get((0, 0), np.zeros(0, dtype=np.int64))
             held = float(mass[i][cand].sum())
@@ -175,12 +182,9 @@ def stage_speed(work: Path, corpus: str, size: str, t: int, index: Path, configs
     for cfg in configs:
         cfg = {"topk": TOPK, **cfg}
         key = {"index": Path(index).name, **cfg}
-        att.attribute(images[:1], t, **cfg)  # warm-up
         secs, recs = [], []
-        for q in range(min(count, len(images))):
-            t0 = time.perf_counter()
-            res = att.attribute(images[q : q + 1], t, **cfg)
-            secs.append(time.perf_counter() - t0)
+        for _, _, res, sec in attribute_each(att, images, list(range(min(count, len(images)))), t, cfg):
+            secs.append(sec)
             rec = res.rounds.get((0, 0))
             recs.append({"m": int(res.candidates_used[0, 0]), "est_outside": float(res.outside_mass[0, 0].mean()),
                          "stopped_by": rec.stopped_by if rec else None})
