@@ -105,6 +105,22 @@ def fidelity_path(work: Path, corpus: str, size: str, t: int) -> Path:
     return Path(work) / "fidelity" / f"{corpus}-{size}-t{t}.json"
 
 
+def open_warm(index: Path):
+    """The index's Attributor, with the index and its stores read into the page cache first."""
+    from warm import warm_page_cache
+
+    from nda_ann import Attributor
+
+    att = Attributor.open(index)
+    warm_page_cache([Path(index), *att.searcher.store_paths()])
+    return att
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows recorded in ``path`` so far ([] before the first)."""
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def attribute_each(att, images: np.ndarray, qs: list[int], t: int, cfg: dict):
     """Yield (i, q, result, seconds) for each query ``q`` of ``qs`` attributed alone (what a user waits
     for), after one warm-up query."""
@@ -119,9 +135,7 @@ def stage_fidelity(work: Path, corpus: str, size: str, t: int, index: Path, conf
     """The index path against exact on the queries scored exactly, one row per settings in ``configs``
     (keyword arguments of ``Attributor.attribute``), each query attributed alone (what a user waits for)."""
     from bench_attribute import summarize
-    from warm import warm_page_cache
 
-    from nda_ann import Attributor
     from nda_ann.atomic import write_json_atomic
 
     done, exact = load_exact(work, corpus, size, t)
@@ -129,10 +143,9 @@ def stage_fidelity(work: Path, corpus: str, size: str, t: int, index: Path, conf
         raise SystemExit(f"no exact scores for {corpus} {size} t={t}: run the exact stage first")
     _, mass = load_exact(work, corpus, size, t, kind="mass")
     images, names, kinds = queries(work, corpus)
-    att = Attributor.open(index)
-    warm_page_cache([Path(index), *att.searcher.store_paths()])
+    att = open_warm(index)
     path = fidelity_path(work, corpus, size, t)
-    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = read_rows(path)
     for cfg in configs:
         cfg = {"topk": TOPK, **cfg}  # the exact scores' topk, whatever the attributor's default
         key = {"index": Path(index).name, **cfg}
@@ -169,16 +182,12 @@ def stage_speed(work: Path, corpus: str, size: str, t: int, index: Path, configs
     """The index path where no exact scores are cached (300k, 1M): seconds per query, M reached and the
     estimated outside share of the first ``count`` queries, one row per settings in ``configs``, each
     query attributed alone after a warm-up, index and store in the page cache; the process's peak RSS."""
-    from warm import warm_page_cache
-
-    from nda_ann import Attributor
     from nda_ann.atomic import write_json_atomic
 
     images, names, _ = queries(work, corpus)
-    att = Attributor.open(index)
-    warm_page_cache([Path(index), *att.searcher.store_paths()])
+    att = open_warm(index)
     path = speed_path(work, corpus, size, t)
-    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = read_rows(path)
     for cfg in configs:
         cfg = {"topk": TOPK, **cfg}
         key = {"index": Path(index).name, **cfg}
