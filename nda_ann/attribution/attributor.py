@@ -160,6 +160,7 @@ class Attributor:
         time_budget: float | None = None,
         allow_resize: bool = True,
         outside_estimator: str = "images",
+        outside_smoothing: float | None = None,
     ) -> Attribution:
         """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
 
@@ -171,7 +172,8 @@ class Attributor:
         None means M sized by the outside mass (rounds to ``max_outside`` 0.3, at most 1,000); a number
         fixes M. ``rerank`` > 1 re-ranks a pool of rerank x M candidates (rerank.py); ``outside_sample``
         (None: 128) non-candidate images, each scored at every position, estimate the non-candidates'
-        share of the normaliser (outside_images.py). ``max_outside`` F and / or
+        share of the normaliser (outside_images.py), smoothed over neighbouring query positions by a
+        Gaussian of ``outside_smoothing`` positions (None: 1.0; 0 = off; outside.smoothed_share). ``max_outside`` F and / or
         ``time_budget`` S (seconds per query): re-score candidates in rounds until the estimated share
         outside them is below F or the time is spent (rounds.py; ``candidates`` then caps M);
         ``result.rounds`` says per query and timestep what was reached. Query images of another size are
@@ -188,7 +190,8 @@ class Attributor:
             timesteps, sched, k=k, candidates=candidates, nprobe=nprobe, topk=topk, alpha=alpha, seed=seed,
             noise_draws=noise_draws, schedule=schedule, mode=mode, thumbnail_share=thumbnail_share,
             outside_sample=outside_sample, precision=precision, maps=maps, tail=tail, rerank=rerank,
-            max_outside=max_outside, time_budget=time_budget, outside_estimator=outside_estimator)
+            max_outside=max_outside, time_budget=time_budget, outside_estimator=outside_estimator,
+            **({} if outside_smoothing is None else {"outside_smoothing": outside_smoothing}))
         if settings.k > self.max_k(settings.noise_draws):
             log.warning("k = %d clipped to %d (the most same-layout training patches a query patch has, within %d GiB of "
                         "work per query)", settings.k, self.max_k(settings.noise_draws), MAX_K_BYTES >> 30)
@@ -250,7 +253,7 @@ class Attributor:
         sampled = {} if hits is None else sample_outside(
             self.corpus, cand0, known, patches, self.groups, self.scales, s, sigma2, settings.outside_sample,
             (settings.seed, noised.t), mass, GUIDE_SHARE, self.budget, settings.outside_estimator, hint,
-            Rescoring.chunk(self.groups, self.scales, dtype, self.budget))
+            Rescoring.chunk(self.groups, self.scales, dtype, self.budget), settings.outside_smoothing)
         if settings.adaptive and hits is not None:
             res = Rescoring(self.corpus, patches, self.groups, self.scales, weights, draws, s, sigma2, settings.topk, self.budget, hint)
             known, record = grow(res, pool, first, known_of, sampled, settings.max_outside, deadline)

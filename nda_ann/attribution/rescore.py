@@ -19,6 +19,7 @@ from ..scoring.masses import MassScan, max_logits
 from ..scoring.operands import kernel_path
 from ..scoring.patches import LayoutGroup
 from ..scoring.scales import Scale
+from .outside import smoothed_share
 
 # candidate images whose largest logits give the shift where no nearest retrieved patch does (a lower
 # bound of each position's maximum is enough: a chunk holding a logit CEIL above it is recomputed)
@@ -117,6 +118,7 @@ class Rescoring:
         self.order.append(ids)
 
     def _log_z_out(self, key, cand: np.ndarray, retrieved_out: dict, sampled: dict) -> torch.Tensor:
+        """(L,) log of the non-candidates' estimated mass: the known part plus the sampled one."""
         if len(cand) >= self.corpus.count:
             return torch.full_like(self.scans[key].log_z_in, -math.inf)
         out = retrieved_out[key].double()
@@ -124,14 +126,26 @@ class Rescoring:
             out = torch.logaddexp(out, sampled[key].log_mass(cand).double())
         return out
 
+    def _share(self, key, cand: np.ndarray, retrieved_out: dict, sampled: dict) -> float:
+        """The estimated outside share at one (draw, scale): mean over positions of Z_out / Z, the
+        sampled part read smoothed over neighbouring positions (outside.smoothed_share)."""
+        log_z_in = self.scans[key].log_z_in.double().cpu()
+        if len(cand) >= self.corpus.count:
+            return 0.0
+        log_known = retrieved_out[key].double().cpu()
+        if key not in sampled:
+            return float(torch.exp(log_known - torch.logaddexp(log_z_in, log_known)).nan_to_num_(0.0).mean())
+        sample = sampled[key]
+        return float(smoothed_share(log_z_in, log_known, sample.log_mass(cand).double().cpu(), sample.smoothing,
+                                    sample.concentration(cand)).mean())
+
     def outside(self, retrieved_out: dict, sampled: dict) -> np.ndarray:
         """(S,) the estimated share of the normaliser outside the re-scored images, per scale (mean
         over query positions and draws)."""
         cand = self.cand()
         out = np.zeros(len(self.scales))
-        for (d, sc), scan in self.scans.items():
-            log_z_out = self._log_z_out((d, sc), cand, retrieved_out, sampled).to(scan.log_z_in.device)
-            out[self.scales.index(sc)] += float(torch.exp(log_z_out - torch.logaddexp(scan.log_z_in, log_z_out)).mean()) / self.draws
+        for d, sc in self.scans:
+            out[self.scales.index(sc)] += self._share((d, sc), cand, retrieved_out, sampled) / self.draws
         return out
 
     def result(self, retrieved_out: dict, sampled: dict) -> Rescored:
@@ -150,7 +164,7 @@ class Rescoring:
             log_z = torch.logaddexp(scan.log_z_in, log_z_out)
             log_zs[(d, sc)] = log_z.to(self.dtype)
             log_z_outs[(d, sc)] = log_z_out.double().cpu()
-            outside[self.scales.index(sc)] += float(torch.exp(log_z_out - log_z).mean()) / self.draws
+            outside[self.scales.index(sc)] += self._share((d, sc), cand, retrieved_out, sampled) / self.draws
             shift = scan.scan.shift[0].double()
             a = (torch.cat(scan.aggs, -1).double() * torch.exp(shift - log_z)[:, None]).cpu()[:, columns]  # (L, M)
             scores += w / self.draws * a.sum(0)

@@ -34,6 +34,11 @@ DEFAULT_RERANK = 1
 # error of the estimated outside share -0.12 with 64 images, -0.05 with 256, against -0.16 for the earlier
 # pair sampler's 512 (docs/benchmarks/outside.md).
 DEFAULT_OUTSIDE_SAMPLE = 128
+# the sampled part of the outside mass, Gaussian-smoothed over neighbouring query positions (standard
+# deviation in positions; 0 = off) where few draws carry it: the per-position estimate is heavy-tailed, and the share, a concave
+# function of it, reads low (outside.smoothed_share; only the share reads it: the normaliser keeps the plain estimate).
+# 1.0 from docs/benchmarks/outside.md: 100k crops on million.toml -0.123 -> -0.065; +0.056 on a 600-image corpus.
+DEFAULT_OUTSIDE_SMOOTHING = 1.0
 # Non-candidates' tail scores scaled to the estimated outside mass: subset-sum Spearman at t = 100 / 300 (topk 100,
 # docs/benchmarks/scale.md) never lower than unscaled, and higher where much mass is outside the M (5k photos,
 # t = 300: 0.930 -> 0.969; 20k crops 0.991 -> 0.994).
@@ -82,6 +87,7 @@ class AttributionSettings:
     tail: bool | str = "scaled"  # "scaled": retrieved weights scaled to the outside mass; True: unscaled; False: 0
     rerank: int = DEFAULT_RERANK
     outside_estimator: str = "images"  # "images": each sampled image at every position; "pairs": one position each
+    outside_smoothing: float = DEFAULT_OUTSIDE_SMOOTHING  # sampled outside mass smoothed over query positions (std, positions)
     max_outside: float | None = None  # re-score in rounds until the estimated outside share is below it
     time_budget: float | None = None  # seconds per query (all timesteps) for those rounds
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -119,6 +125,10 @@ class AttributionSettings:
         rerank = _positive_int("rerank", DEFAULT_RERANK if rerank is None else rerank)
         if kw.get("outside_estimator", "images") not in ("images", "pairs"):
             raise ValueError(f"outside_estimator must be 'images' or 'pairs', got {kw['outside_estimator']!r}")
+        smoothing = kw.get("outside_smoothing", DEFAULT_OUTSIDE_SMOOTHING)
+        if isinstance(smoothing, bool) or not float(smoothing) >= 0.0:
+            raise ValueError(f"outside_smoothing is a standard deviation in query positions, >= 0; got {smoothing!r}")
+        kw["outside_smoothing"] = float(smoothing)
         target, budget = kw.get("max_outside"), kw.get("time_budget")
         if target is None and budget is None and kw.get("candidates") is None and rerank == 1 and mode == "rescore":
             kw["max_outside"] = target = DEFAULT_MAX_OUTSIDE  # the default: M sized by the outside mass

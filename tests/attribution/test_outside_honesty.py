@@ -1,6 +1,7 @@
 """The outside-mass estimate the rounds stop on, against the truth, on a corpus where exact is
-affordable: for the default index and for the million recipe's kind (stride 4, interior patches, PCA +
-SQ8 codes); and a tighter target never lowers subset-sum Spearman beyond noise."""
+affordable: for the default index and for the million recipe's kind (indexes/million.toml: stride 4,
+every layout class, PCA + IVF + SQ8 codes), with the sampled part read as shipped (smoothed over
+neighbouring query positions) and plain; and a tighter target never lowers subset-sum Spearman beyond noise."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,11 +13,12 @@ from nda_ann.results.fidelity import fidelity
 from nda_ann.scoring.exact import exact_attribution
 
 N, QUERIES = 600, 3
-# stated errors of the estimated outside share (mean over queries), per index kind
-TOLERANCE = {"default": 0.08, "million": 0.12}
+# stated errors of the estimated outside share (mean over queries and M), per index kind and reading
+# (measured here: default +0.002 plain / +0.019 smoothed, million -0.023 / +0.056; docs/benchmarks/outside.md)
+TOLERANCE = {("default", 0.0): 0.03, ("default", None): 0.06, ("million", 0.0): 0.06, ("million", None): 0.10}
 KINDS = {
     "default": dict(factory="auto"),
-    "million": dict(factory="PCA16,IVF{nlist},SQ8", candidate_stride=4, classes="interior"),
+    "million": dict(factory="PCA64,IVF{nlist},SQ8", candidate_stride=4, classes="all"),
 }
 
 
@@ -31,19 +33,19 @@ def setting(tmp_path_factory):
     return store, queries, exact, {kind: Attributor.open(ix.path) for kind, ix in indexes.items()}
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_the_estimated_outside_share_tracks_the_true_one(setting, kind):
+@pytest.mark.parametrize("kind,smoothing", list(TOLERANCE))
+def test_the_estimated_outside_share_tracks_the_true_one(setting, kind, smoothing):
     _, queries, exact, atts = setting
     att = atts[kind]
     errors = []
     for m in (40, 120):
-        res = att.attribute(queries, 100, candidates=m, k=256, topk=100, maps=0)
+        res = att.attribute(queries, 100, candidates=m, k=256, topk=100, maps=0, outside_smoothing=smoothing)
         for q in range(QUERIES):
             cand = res.candidate_ids[(0, q)]
             true = 1 - exact.mass[0, q, cand].sum() / exact.mass[0, q].sum()
             errors.append(float(res.outside_mass[0, q].mean()) - true)
-    assert abs(np.mean(errors)) <= TOLERANCE[kind], errors
-    assert np.max(np.abs(errors)) <= 2 * TOLERANCE[kind], errors
+    assert abs(np.mean(errors)) <= TOLERANCE[kind, smoothing], errors
+    assert np.max(np.abs(errors)) <= 2 * TOLERANCE[kind, smoothing], errors
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
