@@ -191,7 +191,7 @@ class Attributor:
             noise_draws=noise_draws, schedule=schedule, mode=mode, thumbnail_share=thumbnail_share,
             outside_sample=outside_sample, precision=precision, maps=maps, tail=tail, rerank=rerank,
             max_outside=max_outside, time_budget=time_budget, outside_estimator=outside_estimator,
-            **({} if outside_smoothing is None else {"outside_smoothing": outside_smoothing}))
+            outside_smoothing=outside_smoothing)
         if settings.k > self.max_k(settings.noise_draws):
             log.warning("k = %d clipped to %d (the most same-layout training patches a query patch has, within %d GiB of "
                         "work per query)", settings.k, self.max_k(settings.noise_draws), MAX_K_BYTES >> 30)

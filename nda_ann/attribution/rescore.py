@@ -129,15 +129,15 @@ class Rescoring:
     def _share(self, key, cand: np.ndarray, retrieved_out: dict, sampled: dict) -> float:
         """The estimated outside share at one (draw, scale): mean over positions of Z_out / Z, the
         sampled part read smoothed over neighbouring positions (outside.smoothed_share)."""
-        log_z_in = self.scans[key].log_z_in.double().cpu()
         if len(cand) >= self.corpus.count:
             return 0.0
-        log_known = retrieved_out[key].double().cpu()
-        if key not in sampled:
-            return float(torch.exp(log_known - torch.logaddexp(log_z_in, log_known)).nan_to_num_(0.0).mean())
-        sample = sampled[key]
-        return float(smoothed_share(log_z_in, log_known, sample.log_mass(cand).double().cpu(), sample.smoothing,
-                                    sample.concentration(cand)).mean())
+        log_z_in = self.scans[key].log_z_in.double().cpu()
+        sample = sampled.get(key)
+        if sample is None:  # only the retrieved part: the plain share
+            log_sampled, sigma, concentration = torch.full_like(log_z_in, -math.inf), 0.0, None
+        else:
+            log_sampled, sigma, concentration = sample.log_mass(cand).double().cpu(), sample.smoothing, sample.concentration(cand)
+        return float(smoothed_share(log_z_in, retrieved_out[key].double().cpu(), log_sampled, sigma, concentration).mean())
 
     def outside(self, retrieved_out: dict, sampled: dict) -> np.ndarray:
         """(S,) the estimated share of the normaliser outside the re-scored images, per scale (mean

@@ -125,7 +125,8 @@ class AttributionSettings:
         rerank = _positive_int("rerank", DEFAULT_RERANK if rerank is None else rerank)
         if kw.get("outside_estimator", "images") not in ("images", "pairs"):
             raise ValueError(f"outside_estimator must be 'images' or 'pairs', got {kw['outside_estimator']!r}")
-        smoothing = kw.get("outside_smoothing", DEFAULT_OUTSIDE_SMOOTHING)
+        smoothing = kw.get("outside_smoothing")
+        smoothing = DEFAULT_OUTSIDE_SMOOTHING if smoothing is None else smoothing
         if isinstance(smoothing, bool) or not float(smoothing) >= 0.0:
             raise ValueError(f"outside_smoothing is a standard deviation in query positions, >= 0; got {smoothing!r}")
         kw["outside_smoothing"] = float(smoothing)
