@@ -161,6 +161,7 @@ class Attributor:
         allow_resize: bool = True,
         outside_estimator: str = "images",
         outside_smoothing: float | None = None,
+        outside_topup: int | None = None,
     ) -> Attribution:
         """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
 
@@ -173,7 +174,9 @@ class Attributor:
         fixes M. ``rerank`` > 1 re-ranks a pool of rerank x M candidates (rerank.py); ``outside_sample``
         (None: 128) non-candidate images, each scored at every position, estimate the non-candidates'
         share of the normaliser (outside_images.py), smoothed over neighbouring query positions by a
-        Gaussian of ``outside_smoothing`` positions (None: 1.0; 0 = off; outside.smoothed_share). ``max_outside`` F and / or
+        Gaussian of ``outside_smoothing`` positions (None: 1.0; 0 = off; outside.smoothed_share), and topped
+        up in each later round by ``outside_topup`` (None: 64; 0 = off) images drawn against that round's
+        candidates (rounds.py). ``max_outside`` F and / or
         ``time_budget`` S (seconds per query): re-score candidates in rounds until the estimated share
         outside them is below F or the time is spent (rounds.py; ``candidates`` then caps M);
         ``result.rounds`` says per query and timestep what was reached. Query images of another size are
@@ -191,7 +194,7 @@ class Attributor:
             noise_draws=noise_draws, schedule=schedule, mode=mode, thumbnail_share=thumbnail_share,
             outside_sample=outside_sample, precision=precision, maps=maps, tail=tail, rerank=rerank,
             max_outside=max_outside, time_budget=time_budget, outside_estimator=outside_estimator,
-            outside_smoothing=outside_smoothing)
+            outside_smoothing=outside_smoothing, outside_topup=outside_topup)
         if settings.k > self.max_k(settings.noise_draws):
             log.warning("k = %d clipped to %d (the most same-layout training patches a query patch has, within %d GiB of "
                         "work per query)", settings.k, self.max_k(settings.noise_draws), MAX_K_BYTES >> 30)
@@ -250,13 +253,18 @@ class Attributor:
         cand0 = np.sort(pool[:first])
         known = known_of(cand0)
         hint = None if hits is None else self._shift_hint(hits, known, s, sigma2)
-        sampled = {} if hits is None else sample_outside(
-            self.corpus, cand0, known, patches, self.groups, self.scales, s, sigma2, settings.outside_sample,
-            (settings.seed, noised.t), mass, GUIDE_SHARE, self.budget, settings.outside_estimator, hint,
-            Rescoring.chunk(self.groups, self.scales, dtype, self.budget), settings.outside_smoothing)
+        def draw_sample(cand: np.ndarray, known: dict, size: int, round_: int = 0) -> dict:
+            return sample_outside(
+                self.corpus, cand, known, patches, self.groups, self.scales, s, sigma2, size, (settings.seed, noised.t),
+                mass, GUIDE_SHARE, self.budget, settings.outside_estimator, hint,
+                Rescoring.chunk(self.groups, self.scales, dtype, self.budget), settings.outside_smoothing, round_)
+
+        sampled = {} if hits is None else draw_sample(cand0, known, settings.outside_sample)
         if settings.adaptive and hits is not None:
             res = Rescoring(self.corpus, patches, self.groups, self.scales, weights, draws, s, sigma2, settings.topk, self.budget, hint)
-            known, record = grow(res, pool, first, known_of, sampled, settings.max_outside, deadline)
+            topup = ((lambda cand, known, round_: draw_sample(cand, known, settings.outside_topup, round_))
+                     if settings.outside_topup > 0 and settings.outside_sample > 0 else None)
+            known, sampled, record = grow(res, pool, first, known_of, sampled, settings.max_outside, deadline, topup)
             out = res.result(retrieved_outside(known), sampled)
         else:
             out = self._rescore(q, cand0, patches, weights, settings, s, sigma2, retrieved_outside(known), sampled, hint)

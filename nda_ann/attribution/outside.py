@@ -151,6 +151,20 @@ class OutsideSample:
     ids: np.ndarray
     log_contrib: torch.Tensor
     smoothing: float = 0.0
+    exact: bool = False  # every non-candidate was taken, each standing for itself
+
+    @classmethod
+    def pooled(cls, samples: list["OutsideSample"]) -> "OutsideSample":
+        """One estimate from several independent samples of the same query position grid, each an
+        unbiased estimate of the mass outside the current candidates (drawn against earlier, smaller
+        candidate sets, with the images since re-scored left out): their average weighted by draws,
+        sum_k (S_k / S) E_k, so every draw j of sample k stands for 1 / (S p_k(j)) images."""
+        drawn = [x for x in samples if len(x.ids)]
+        if len(drawn) <= 1:
+            return drawn[0] if drawn else samples[0]
+        total = sum(len(x.ids) for x in drawn)
+        contrib = torch.cat([x.log_contrib + math.log(len(x.ids) / total) for x in drawn], -1)
+        return cls(np.concatenate([x.ids for x in drawn]), contrib, drawn[0].smoothing)
 
     def _kept(self, exclude: np.ndarray | None) -> torch.Tensor:
         """(L, S') the weighted log masses of the draws not in ``exclude`` (sorted ids)."""
@@ -256,14 +270,16 @@ def sample_pairs(
 
 def sample_outside(corpus, cand: np.ndarray, known: dict, patches: dict, groups: dict, scales: list, s: float, sigma2: float,
                    size: int, seed: tuple[int, int], mass: np.ndarray, guide_share: float, budget: int,
-                   estimator: str = "images", hints: dict | None = None, step: int = 64, smoothing: float = 0.0) -> dict:
+                   estimator: str = "images", hints: dict | None = None, step: int = 64, smoothing: float = 0.0,
+                   round_: int = 0) -> dict:
     """Per (draw, scale): the ``OutsideSample`` estimating the non-candidates' patches not counted in
     ``known`` (known.py), from ``size`` sampled images; {} when there is nothing to estimate.
     ``estimator`` "images" scores each sampled image at every position (outside_images.py; ``hints``
     per (draw, scale) (L,) lower bounds of each position's largest logit, ``step`` images a chunk),
     "pairs" one position of each per layout class (``sample_pairs``). ``smoothing``: see ``OutsideSample``
     (not applied where every non-candidate is taken: the estimate is then exact).
-    The draws depend only on (seed, t, draw, scale), not on the query's place in its batch.
+    The draws depend only on (seed, t, draw, scale) and, for a top-up drawn in a later round
+    (``round_`` > 0), that round, not on the query's place in its batch.
     ``patches``: the query's (1, L, D) noised patch vectors per (draw, scale)."""
     from .outside_images import sample_images
 
@@ -274,7 +290,7 @@ def sample_outside(corpus, cand: np.ndarray, known: dict, patches: dict, groups:
     guide = Guide(corpus.count, cand, mass, guide_share)
     out = {}
     for (d, sc), qp in patches.items():
-        rng = np.random.default_rng([*seed, d, scales.index(sc)])
+        rng = np.random.default_rng([*seed, d, scales.index(sc)] + ([round_] if round_ else []))
         inv = 1.0 / (2.0 * sigma2)
         if estimator == "images":
             hint = None if hints is None else hints.get((d, sc))
@@ -284,4 +300,20 @@ def sample_outside(corpus, cand: np.ndarray, known: dict, patches: dict, groups:
             out[(d, sc)] = sample_pairs(corpus, qp[0], groups[sc], sc, s, inv, img, pos, size, guide, rng, budget)
         if guide.free > size:
             out[(d, sc)].smoothing = smoothing
+        else:
+            out[(d, sc)].exact = True
+    return out
+
+
+def top_up(sampled: dict, fresh: dict) -> dict:
+    """Per (draw, scale): the earlier sample pooled with a fresh one drawn against the current
+    candidates (``OutsideSample.pooled``); an exact sample (every non-candidate taken) replaces, and
+    is kept over, a sampled one."""
+    out = dict(sampled)
+    for key, new in fresh.items():
+        old = out.get(key)
+        if old is None or new.exact:
+            out[key] = new
+        elif not old.exact:
+            out[key] = OutsideSample.pooled([old, new])
     return out

@@ -3,8 +3,11 @@ normaliser outside the re-scored images falls below a target, or the query's tim
 
 Round 1 re-scores the ``first`` best-ranked candidates; each later round doubles the count (or takes
 what the remaining time allows at the per-image cost measured so far), in the candidate ranking's
-order. The outside-mass sample is drawn once, against round 1's candidates; images that later become
-candidates leave it, which keeps it unbiased for those still outside (outside.py).
+order. The outside-mass sample is drawn against round 1's candidates; images that later become
+candidates leave it, which keeps it unbiased for those still outside (outside.py). Its guided draws
+are the images most likely to become candidates, so it thins where the outside mass is; ``topup``
+draws a fresh sample against each later round's candidates, pooled with what is left of the earlier
+ones (outside.top_up).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .known import retrieved_outside
+from .outside import top_up
 from .rescore import Rescoring
 
 MIN_ROUND = 32  # a round smaller than this (or a tenth of what is re-scored) is not worth its fixed cost
@@ -32,9 +36,12 @@ class RoundsRecord:
 
 
 def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.ndarray], dict], sampled: dict,
-         target: float | None, deadline: float | None) -> tuple[dict, RoundsRecord]:
+         target: float | None, deadline: float | None,
+         topup: Callable[[np.ndarray, dict, int], dict] | None = None) -> tuple[dict, dict, RoundsRecord]:
     """Re-score ``pool`` (ranked ids, best first) in rounds into ``res``; ``known_of(cand)`` gives the
-    known logits (known.py) for a sorted candidate set. Returns the last round's known logits and the record."""
+    known logits (known.py) for a sorted candidate set, ``topup(cand, known, round)`` a fresh outside
+    sample against it (outside.sample_outside; None: none). Returns the last round's known logits, the
+    outside sample and the record."""
     m, rounds = min(first, len(pool)), 1
     t0 = time.perf_counter()
     res.add(pool[:m])
@@ -60,4 +67,6 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
         per_image = (time.perf_counter() - t0) / step
         m, rounds = m + step, rounds + 1
         known = known_of(res.cand())
-    return known, RoundsRecord(m, outside, target is not None and outside <= target, rounds, stopped)
+        if topup is not None:
+            sampled = top_up(sampled, topup(res.cand(), known, rounds - 1))
+    return known, sampled, RoundsRecord(m, outside, target is not None and outside <= target, rounds, stopped)

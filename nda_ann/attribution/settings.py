@@ -39,6 +39,10 @@ DEFAULT_OUTSIDE_SAMPLE = 128
 # function of it, reads low (outside.smoothed_share; only the share reads it: the normaliser keeps the plain estimate).
 # 1.0 from docs/benchmarks/outside.md: 100k crops on million.toml -0.123 -> -0.065; +0.056 on a 600-image corpus.
 DEFAULT_OUTSIDE_SMOOTHING = 1.0
+# non-candidate images drawn afresh in each later round of the rounds, against that round's candidates, and
+# pooled with the earlier sample (rounds.py; 0 = off): the first sample's guided draws are the images that
+# become candidates, so it thins where the outside mass is.
+DEFAULT_OUTSIDE_TOPUP = 64
 # Non-candidates' tail scores scaled to the estimated outside mass: subset-sum Spearman at t = 100 / 300 (topk 100,
 # docs/benchmarks/scale.md) never lower than unscaled, and higher where much mass is outside the M (5k photos,
 # t = 300: 0.930 -> 0.969; 20k crops 0.991 -> 0.994).
@@ -88,6 +92,7 @@ class AttributionSettings:
     rerank: int = DEFAULT_RERANK
     outside_estimator: str = "images"  # "images": each sampled image at every position; "pairs": one position each
     outside_smoothing: float = DEFAULT_OUTSIDE_SMOOTHING  # sampled outside mass smoothed over query positions (std, positions)
+    outside_topup: int = DEFAULT_OUTSIDE_TOPUP  # images drawn afresh for the outside sample in each later round
     max_outside: float | None = None  # re-score in rounds until the estimated outside share is below it
     time_budget: float | None = None  # seconds per query (all timesteps) for those rounds
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -130,6 +135,11 @@ class AttributionSettings:
         if isinstance(smoothing, bool) or not float(smoothing) >= 0.0:
             raise ValueError(f"outside_smoothing is a standard deviation in query positions, >= 0; got {smoothing!r}")
         kw["outside_smoothing"] = float(smoothing)
+        topup = kw.get("outside_topup")
+        topup = DEFAULT_OUTSIDE_TOPUP if topup is None else topup
+        if isinstance(topup, bool) or int(topup) != topup or topup < 0:
+            raise ValueError(f"outside_topup must be a non-negative integer (images per round), got {topup!r}")
+        kw["outside_topup"] = int(topup)
         target, budget = kw.get("max_outside"), kw.get("time_budget")
         if target is None and budget is None and kw.get("candidates") is None and rerank == 1 and mode == "rescore":
             kw["max_outside"] = target = DEFAULT_MAX_OUTSIDE  # the default: M sized by the outside mass

@@ -43,6 +43,7 @@ def _common(f):
         click.option("--rerank", type=click.IntRange(min=1), default=None, help="Re-rank a pool of RERANK x M images by exact mass at a subset of query positions (default 1 = off; measured in BENCHMARKS.md)."),
         click.option("--outside-sample", type=click.IntRange(min=0), default=None, help="Non-candidate images sampled, each scored at every position, to estimate the mass outside the M (default 128; 0: only the retrieved patches count)."),
         click.option("--outside-smoothing", type=click.FloatRange(min=0), default=None, help="The outside share reads the sampled mass smoothed over neighbouring query positions, by a Gaussian of this many positions where few draws carry it (default 1.0; 0: plain; docs/scores.md, step 3)."),
+        click.option("--outside-topup", type=click.IntRange(min=0), default=None, help="In each later round of the rounds, draw this many more non-candidate images against that round's candidates and pool them with the outside sample (default 64; 0: the first sample only)."),
         click.option("--max-outside", type=click.FloatRange(0, 1, min_open=True), default=None, help="Re-score candidates in rounds until the estimated share of the softmax mass outside them is below this (the default 0.3 when --candidates is not given); --candidates then caps M (default 1,000)."),
         click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds per query image (all timesteps) for those rounds: stop when the next round would not fit."),
         click.option("--tail", "tail_mode", type=click.Choice(list(TAIL_MODES)), default=None, help="How non-candidates score: scaled (default): the weights of their retrieved patches, scaled up to the estimated outside mass at each query position (at most 10x); retrieved: those weights unscaled (a lower bound); off: 0, as docs/scores.md section 5."),
@@ -101,7 +102,7 @@ def _device(device: str, precision: str) -> str:
 @click.option("--actors", type=click.IntRange(min=1), default=None, help="--engine ray: shard actors (default: one per node, at most one per shard).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="--engine ray: seconds an actor may take to answer before the query fails (default 120).")
-def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, outside_smoothing, max_outside, time_budget, tail, allow_resize, precision, out_dir, top, html,
+def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, outside_smoothing, outside_topup, max_outside, time_budget, tail, allow_resize, precision, out_dir, top, html,
               engine="local", address=None, actors=None, timeout_s=None):
     """Say which training images QUERY images draw on: SOURCE is an index (or a store with --exact)."""
     from .. import api
@@ -113,7 +114,7 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
         text = api.attribute_to_folder(
             source, list(queries), out_dir, exact=exact, timesteps=list(timesteps), scales=list(scales) or None,
             alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws, schedule=schedule, device=device, k=k,
-            candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, tail=tail, precision=precision, top=top,
+            candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, outside_topup=outside_topup, tail=tail, precision=precision, top=top,
             max_outside=max_outside, time_budget=time_budget, allow_resize=allow_resize, engine=engine, address=address, actors=actors, timeout_s=timeout_s,
         )
     click.echo(text)
@@ -132,7 +133,7 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
 @click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @_common
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the metrics here.")
-def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, outside_smoothing, max_outside, time_budget, tail, allow_resize, json_out):
+def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, outside_smoothing, outside_topup, max_outside, time_budget, tail, allow_resize, json_out):
     """Fidelity of the index path against the exact scorer on the same queries and noise (docs/scores.md 7)."""
     from .. import api
     from .failures import reported
@@ -141,7 +142,7 @@ def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, s
         device = _device(device, "float32 (index path), float64 (exact)")
         text = api.compare_to_exact(
             index, list(queries), timesteps=list(timesteps), alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws,
-            schedule=schedule, device=device, k=k, candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, tail=tail, json_path=json_out,
+            schedule=schedule, device=device, k=k, candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, outside_topup=outside_topup, tail=tail, json_path=json_out,
             max_outside=max_outside, time_budget=time_budget,
             allow_resize=allow_resize,
         )

@@ -108,10 +108,11 @@ def test_cli_max_outside_reports_the_rounds_in_summary_json(tmp_path):
     Image.fromarray(dc.queries[0]).save(tmp_path / "q.png")
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["attribute", str(tmp_path / "ix"), str(tmp_path / "q.png"), "--candidates", "140",
-                                  "--max-outside", "0.2", "--time-budget", "60", "--out", str(out)])
+                                  "--max-outside", "0.2", "--time-budget", "60", "--outside-topup", "32", "--out", str(out)])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     rec = summary["candidates"]["q.png"]["t=100"]
     assert summary["settings"]["max_outside"] == 0.2 and summary["settings"]["time_budget"] == 60
+    assert summary["settings"]["outside_topup"] == 32
     assert 0 < rec["candidates"] <= 140 and rec["target_met"] == (rec["outside"] <= 0.2)
     assert rec["stopped_by"] in ("target", "pool")
