@@ -67,6 +67,6 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
         per_image = (time.perf_counter() - t0) / step
         m, rounds = m + step, rounds + 1
         known = known_of(res.cand())
-        if topup is not None:
+        if topup is not None and (deadline is None or time.perf_counter() < deadline):  # a spent budget keeps the sample
             sampled = top_up(sampled, topup(res.cand(), known, rounds - 1))
     return known, sampled, RoundsRecord(m, outside, target is not None and outside <= target, rounds, stopped)
