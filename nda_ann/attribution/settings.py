@@ -41,7 +41,10 @@ DEFAULT_OUTSIDE_SAMPLE = 128
 DEFAULT_OUTSIDE_SMOOTHING = 1.0
 # non-candidate images drawn afresh in each later round of the rounds, against that round's candidates, and
 # pooled with the earlier sample (rounds.py; 0 = off): the first sample's guided draws are the images that
-# become candidates, so it thins where the outside mass is.
+# become candidates, so it thins where the outside mass is. Measured at 100k crops on million.toml
+# (docs/benchmarks/outside.md): error of the outside share -0.065 -> -0.043, top-10 / subset-sum 0.7875 / 0.815
+# -> 0.80 / 0.822, 14% more time. Off by default under a time budget, where its images come out of the
+# candidates' (M 198 -> 175, subset-sum 0.735 -> 0.727 at 2 s) and the share is already within 0.01.
 DEFAULT_OUTSIDE_TOPUP = 64
 # Non-candidates' tail scores scaled to the estimated outside mass: subset-sum Spearman at t = 100 / 300 (topk 100,
 # docs/benchmarks/scale.md) never lower than unscaled, and higher where much mass is outside the M (5k photos,
@@ -136,7 +139,8 @@ class AttributionSettings:
             raise ValueError(f"outside_smoothing is a standard deviation in query positions, >= 0; got {smoothing!r}")
         kw["outside_smoothing"] = float(smoothing)
         topup = kw.get("outside_topup")
-        topup = DEFAULT_OUTSIDE_TOPUP if topup is None else topup
+        if topup is None:
+            topup = DEFAULT_OUTSIDE_TOPUP if kw.get("time_budget") is None else 0
         if isinstance(topup, bool) or int(topup) != topup or topup < 0:
             raise ValueError(f"outside_topup must be a non-negative integer (images per round), got {topup!r}")
         kw["outside_topup"] = int(topup)
