@@ -11,6 +11,9 @@ M images). Rows:
 - ``retrieved, exact distances``: the same hits with distances re-measured from the store's pixels
   (what a lossless code would give);
 - ``k`` / ``nprobe``: more neighbours, more probed lists;
+- ``refined``: the first R hits of each query patch re-measured exactly at every same-layout position
+  of their stride-4 cell (4 x 4 positions, the grid point and the 15 between it and the next), their
+  logits replaced by the cell's log-sum-exp: what indexing every position would give those hits;
 - ``--rerank`` proxy: a pool of 4 x M by retrieved mass, re-ranked by exact mass at a subset of query
   positions (attribution/rerank.py: every border position and 1 in 9 interior ones);
 - ``perfect re-rank of P x M``: the ceiling of any re-ranker of that pool (the pool's best M by exact mass).
@@ -67,6 +70,33 @@ def remeasured_mass(att, nb, key, hits, kk: int) -> np.ndarray:
     return sum_by_image(np.where(ok, image, -1), w, att.corpus.count)
 
 
+def refined_mass(att, nb, key, hits, r: int) -> np.ndarray:
+    """(N,) retrieved softmax mass, the first ``r`` hits of each query patch refined to the log-sum-exp of
+    their exact logits over the same-layout positions of their stride-4 cell (offsets -2..1 on each axis)."""
+    from nda_ann.attribution.candidates import sum_by_image
+    from nda_ann.scoring.patches import layout_of_positions
+
+    dist, image, position = hits
+    sc = key[1]
+    g = sc.grid(att.corpus.shape[1])
+    layout = layout_of_positions(att.corpus.shape[1], sc).numpy()
+    offs = np.array([(a, b) for a in range(-2, 2) for b in range(-2, 2)])  # (16, 2)
+    u, k = np.nonzero(image[:, :r] >= 0)
+    img, pos = image[u, k], position[u, k]
+    ny, nx = (pos // g)[:, None] + offs[None, :, 0], (pos % g)[:, None] + offs[None, :, 1]  # (E, 16)
+    ok = (ny >= 0) & (ny < g) & (nx >= 0) & (nx < g)
+    cell = np.where(ok, ny * g + nx, pos[:, None])
+    ok &= layout[cell] == layout[pos][:, None]
+    qv = nb.vectors[key][0].double() / nb.s
+    y = att.corpus.patch_vectors(np.repeat(img, len(offs)), cell.ravel(), sc).double()
+    scale = -(nb.s * nb.s) / (2 * nb.sigma2)
+    d = (qv[torch.from_numpy(np.repeat(u, len(offs)))] - y).square().sum(-1).view(-1, len(offs))
+    logits = np.where(image >= 0, dist * scale, -np.inf)
+    logits[u, k] = torch.logsumexp((d * scale).masked_fill(~torch.from_numpy(ok), -np.inf), -1).numpy()
+    w = torch.softmax(torch.from_numpy(logits), -1).nan_to_num_(0.0).numpy()
+    return sum_by_image(np.where(image >= 0, image, -1), w, att.corpus.count)
+
+
 def measure(corpus: str, size: str, index: Path, work: Path, t: int) -> tuple[list[str], np.ndarray, dict]:
     """(row names, (rows, queries, len(MS)) recall, extras): every ranking of the module docstring."""
     from nda_ann import Attributor
@@ -109,6 +139,8 @@ def measure(corpus: str, size: str, index: Path, work: Path, t: int) -> tuple[li
         exact_hits = ranked_by(remeasured_mass(att, nb, key, hits, 256))
         add("retrieved, first 256 re-measured exactly", [recall(ex, exact_hits, m) for m in MS])
         add("retrieved, first 256 as the index gives them", [recall(ex, ranked_by(retrieved(tuple(a[:, :256] for a in hits))), m) for m in MS])
+        for r in (16, 64):
+            add(f"retrieved, first {r} hits refined to their exact stride-1 cell", [recall(ex, ranked_by(refined_mass(att, nb, key, hits, r)), m) for m in MS])
         for k, nprobe in ((4096, None), (1024, 64)):
             label = f"retrieved, K = {k:,}" + ("" if nprobe is None else f", nprobe {nprobe}")
             add(label, [recall(ex, ranked_by(retrieved(search(k, nprobe))), m) for m in MS])

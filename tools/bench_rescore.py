@@ -6,8 +6,10 @@
 Measures, side by side in one process on real 32x32 photo crops (p = 7, and the two-scale 14 and 10:2; topk 100 and none):
 - ``log_masses``: the previous kernel (scoring/dense.py): GEMM, then max / subtract / clamp / exp /
   sum / log passes, numpy partition of every row for topk;
-- ``shifted``: scoring/masses.py, the GEMM that yields shifted logits, one clamp + exp + sum pass,
-  topk selection only on rows that can differ from their full sum;
+- ``shifted``: scoring/masses.py, the product that yields shifted logits, one clamp + exp + sum pass,
+  topk selection only on rows that can differ from their full sum; on each path of scoring/operands.py:
+  ``dense`` (the interior patches cut by ``unfold``, one GEMM), the ``bfloat16 screen``, and ``conv`` (the
+  interior class as one convolution of the candidate images by the query patches, the CPU default);
 and this machine's GEMM rate (fp32, plus bf16 and int8 for reference), so that each path's useful
 GEMM work (2 x sum over layout classes of |class|^2 x D per image) reads as a share of the peak.
 Each path runs ``--repeats`` times interleaved (A B A B ...); the table keeps the fastest of each.
@@ -64,13 +66,13 @@ def old_path(qp, images, sc, groups, s, inv, topk, step):
     return torch.exp(torch.cat(aggs, -1) - log_z[:, None]).sum(0)
 
 
-def new_path(qp, images, sc, groups, s, inv, topk, step, screened=False):
-    """scoring/masses.py: shifted masses per chunk (dense, or through the bfloat16 screen)."""
+def new_path(qp, images, sc, groups, s, inv, topk, step, path="dense"):
+    """scoring/masses.py: shifted masses per chunk on kernel ``path`` (dense, screened or conv)."""
     scan, z, aggs = None, 0.0, []
     for lo in range(0, len(images), step):
         imgs = images[lo : lo + step] * s
         if scan is None:
-            scan = MassScan(qp, groups, inv, max_logits(qp, imgs[:16], sc, groups, inv), topk, sc, screened)
+            scan = MassScan(qp, groups, inv, max_logits(qp, imgs[:16], sc, groups, inv), topk, sc, path)
         full, agg, rescale = scan.add(imgs)
         if rescale is not None:
             z = z * rescale[0]
@@ -109,8 +111,9 @@ def main() -> None:
         step = chunk_size(1, groups, torch.float32, parse_bytes(args.budget))
         flops = useful_flops(groups, sc.dim(3))
         for topk in (100, None):
-            paths = {"log_masses (previous)": old_path, "shifted, dense (scoring/masses.py)": new_path,
-                     "shifted, bfloat16 screen": lambda *a: new_path(*a, screened=True)}
+            paths = {"log_masses (previous)": old_path, "shifted, dense (unfold + GEMM)": new_path,
+                     "shifted, bfloat16 screen": lambda *a: new_path(*a, path="screened"),
+                     "shifted, conv (CPU default)": lambda *a: new_path(*a, path="conv")}
             best = {name: float("inf") for name in paths}
             outs = {}
             for _ in range(args.repeats):

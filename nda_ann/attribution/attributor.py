@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..corpus.inputs import CorpusView, check_compatible
 from ..corpus.thumbnails import corpus_thumbnails
 from ..device import describe_device, resolve_device, resolve_dtype
+from ..scoring.operands import kernel_path
 from ..scoring.exact import scale_weights
 from ..scoring.patches import layout_groups
 from ..scoring.scales import Scale
@@ -204,7 +205,7 @@ class Attributor:
         ts = settings.timesteps
         m_per_t = [settings.candidates_at(t, sched) for t in ts]
         record = {**settings.record(), "candidates_per_timestep": m_per_t, "index_id": self.index_id,
-                  "resized_queries": batch.resized}
+                  "resized_queries": batch.resized, "kernel": kernel_path(self.device, dtype)}
         result = Attribution(self.corpus.count, ts, qnames, self.sources, record, describe_device(self.device), scale_names=[str(s) for s in self.scales])
         result.outside_mass = np.zeros((len(ts), len(qnames), len(self.scales)))
         result.candidates_used = np.zeros((len(ts), len(qnames)), dtype=np.int64)

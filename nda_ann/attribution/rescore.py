@@ -59,8 +59,8 @@ class PositionScan:
             if shift is None or not torch.isfinite(shift).all():  # a lower bound from a few images
                 first = max_logits(self.qp, imgs[:SHIFT_SAMPLE], self.sc, self.groups, self.inv)[0]
                 shift = first if shift is None else torch.maximum(first, shift)
-            screened = kernel_path(self.qp.device, self.qp.dtype) == "screened"
-            self.scan = MassScan(self.qp, self.groups, self.inv, shift[None], self.topk, self.sc, screened)
+            path = kernel_path(self.qp.device, self.qp.dtype)
+            self.scan = MassScan(self.qp, self.groups, self.inv, shift[None], self.topk, self.sc, path)
         full, agg, rescale = self.scan.add(imgs)
         if rescale is not None:
             self.z_in *= rescale[0].double()

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .dense import chunk_size
 from .masses import MassScan, max_logits
-from .operands import kernel_path
+from .operands import describe_kernel, kernel_path
 from ..device import describe_device, resolve_device, resolve_dtype
 from ..corpus.inputs import CorpusView, as_float_images, check_compatible
 from .patches import extract_patches, layout_groups
@@ -152,7 +152,8 @@ def exact_attribution(
     budget = parse_bytes(memory_budget)
     nq, n = q_images.shape[0], view.count
     npos = {sc: sc.grid(size) ** 2 for sc in scale_list}
-    log.info("exact scorer: %d queries x %d images, scales %s, on %s", nq, n, [str(s) for s in scale_list], describe_device(dev))
+    log.info("exact scorer: %d queries x %d images, scales %s, on %s, kernel %s", nq, n, [str(s) for s in scale_list], describe_device(dev),
+             describe_kernel(dev, dtype))
 
     scores = np.zeros((len(ts), nq, n), dtype=np.float64)
     masses = np.zeros_like(scores) if keep_mass else None
@@ -193,8 +194,8 @@ def scan_corpus(view: CorpusView, qp: torch.Tensor, sc: Scale, groups: list, s: 
     def images(lo: int, hi: int) -> torch.Tensor:
         return view.images_on(np.arange(lo, hi), qp.device, qp.dtype) * s
 
-    screened = kernel_path(qp.device, qp.dtype) == "screened"
-    scan = MassScan(qp, groups, inv, max_logits(qp, images(0, min(SHIFT_SAMPLE, n)), sc, groups, inv), topk, sc, screened)
+    path = kernel_path(qp.device, qp.dtype)
+    scan = MassScan(qp, groups, inv, max_logits(qp, images(0, min(SHIFT_SAMPLE, n)), sc, groups, inv), topk, sc, path)
     z = torch.zeros(qp.shape[:2], dtype=torch.float64, device=qp.device)
     kept: list[torch.Tensor] = []
     kept_full: list[torch.Tensor] = []
@@ -219,7 +220,7 @@ def scan_corpus(view: CorpusView, qp: torch.Tensor, sc: Scale, groups: list, s: 
         if with_mass:
             mass = per_image if not kept_full else torch.cat([(a * norm).sum(1) for a in kept_full], dim=-1)
     else:
-        final = MassScan(qp, groups, inv, log_z.to(qp.dtype), topk, sc, screened)  # shift = log Z: masses come out normalised
+        final = MassScan(qp, groups, inv, log_z.to(qp.dtype), topk, sc, path)  # shift = log Z: masses come out normalised
         per_image = torch.empty((qp.shape[0], n), dtype=qp.dtype, device=qp.device)
         mass = torch.empty_like(per_image) if with_mass else None
         for lo, hi in chunks:
@@ -249,7 +250,7 @@ def _keep_maps(result: ExactResult, view: CorpusView, q_images: torch.Tensor, sc
             for sc, w in zip(result.scales, result.weights):
                 # shift = log Z: the masses come out as softmax weights
                 scan = MassScan(extract_patches(noisy, sc), groups[sc], 1.0 / (2 * sigma2), log_norms[(ti, d, sc)], topk, sc,
-                                kernel_path(dev, dtype) == "screened")
+                                kernel_path(dev, dtype))
                 a = scan.add(images)[1]  # (Q, L, len(ids))
                 g = sc.grid(size)
                 grid = a.permute(0, 2, 1).reshape(a.shape[0], len(ids), g, g)

@@ -12,10 +12,12 @@ FLOOR below it are clamped there (their weight is below float rounding of a norm
 maximum, and exp's underflow branch is ten times slower); a logit more than CEIL above it marks its
 row, which is recomputed with the shift raised to the chunk's maximum (``MassScan``).
 
-``topk``: a row (u, n) whose ``full`` is at most topk * TOPK_TAU has at most topk terms above TOPK_TAU,
-so its top-k sum differs from its full sum by at most (V - topk) * TOPK_TAU (6e-8 of the shifted maximum,
-whose term the normaliser holds, at V = 676; over 1,024 positions 6e-5 of one image's score at most):
-only the other rows are selected.
+``topk``: a row (u, n) with at most topk terms above TOPK_TAU (always so where its ``full`` is at most
+topk * TOPK_TAU; else they are counted) has a top-k sum that differs from its full sum by at most
+(V - topk) * TOPK_TAU (6e-8 of the shifted maximum, whose term the normaliser holds, at V = 676; over
+1,024 positions 6e-5 of one image's score at most): only the other rows are selected.
+Conv path (operands.py): the interior class comes from one convolution whose output (n, R, G_i, G_i),
+less the candidates' norms, takes the same clamp, exp and sum passes; only rows topk selects are gathered.
 Screened path (operands.py): an interior row is computed exactly only if its bfloat16 maximum exceeds
 -(SCREEN_T + SCREEN_ERR + err_u), err_u the row's bound of its cross term's bfloat16 error and SCREEN_ERR
 one of the output's rounding (0.125 under 64) and the constants' halves; the rows left at 0 hold terms
@@ -28,8 +30,9 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
-from .operands import CandidateOperand, QueryOperand, border_batches, interior_index
+from .operands import PATHS, CandidateOperand, ConvInterior, QueryOperand, border_batches, interior_index
 from .patches import LayoutGroup
 from .scales import Scale
 
@@ -40,7 +43,8 @@ SCREEN_T = 46.0
 SCREEN_ERR = 1.0
 SCREEN_DENSE_SHARE = 0.6  # kept rows above this share of a chunk: the dense product is cheaper
 SCREEN_REST = 4  # chunks that skip the screen after one where it kept too many rows
-PARALLEL_ROWS = 20_000  # rows from which topk selection is split over threads
+PARALLEL_ROWS = 1_000  # rows from which topk selection is split over threads (1,000 rows of 676: about 1 ms)
+CONV_CACHE_BYTES = 4 << 20  # one convolution's output on the conv path: small enough to stay in a last-level cache
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -76,9 +80,21 @@ def _exp_rows(logits: torch.Tensor, topk: int | None) -> tuple[torch.Tensor, tor
     return full, _topk_rows(w, full, topk)
 
 
+def _needs_topk(full: torch.Tensor, topk: int, count_above) -> torch.Tensor:
+    """Rows (bool, full's shape) whose topk sum can differ from their full sum by more than (V - topk)
+    TOPK_TAU: those with more than topk terms above TOPK_TAU. ``count_above()`` gives that count per row;
+    it is called only if some row's sum exceeds topk * TOPK_TAU (no other row can have that many)."""
+    need = full > topk * TOPK_TAU
+    if bool(need.any()):
+        need &= count_above() > topk
+    return need
+
+
 def _topk_rows(w: torch.Tensor, full: torch.Tensor, topk: int) -> torch.Tensor:
     """w (R, V) exp'd shifted logits (reordered in place), full (R,) their sums -> (R,) sums of the topk
-    largest of each row; rows whose sum is at most topk * TOPK_TAU keep their full sum."""
+    largest of each row; rows whose sum is at most topk * TOPK_TAU keep their full sum (the terms are not
+    counted here, as ``_needs_topk`` does in cache on the conv path: over a w larger than the cache the
+    count costs more than the selection it saves)."""
     agg = full.clone()
     rows = (full > topk * TOPK_TAU).nonzero().squeeze(1)
     if not len(rows):
@@ -89,12 +105,22 @@ def _topk_rows(w: torch.Tensor, full: torch.Tensor, topk: int) -> torch.Tensor:
             _partition(w.numpy(), v - topk)
             agg.index_copy_(0, rows, w[rows, v - topk :].sum(-1))
             return agg
-        sel = w.index_select(0, rows).numpy()
-        _partition(sel, v - topk)
-        agg.index_copy_(0, rows, torch.from_numpy(sel[:, v - topk :]).sum(-1))
+        agg.index_copy_(0, rows, _topk_of(w.index_select(0, rows), topk))
         return agg
     agg.index_copy_(0, rows, w.index_select(0, rows).topk(topk, dim=-1, sorted=False).values.sum(-1))
     return agg
+
+
+def _topk_of(rows: torch.Tensor, topk: int) -> torch.Tensor:
+    """rows (r, V) contiguous, reordered in place -> (r,) the sums of each row's topk largest."""
+    if rows.device.type != "cpu":
+        return rows.topk(topk, dim=-1, sorted=False).values.sum(-1)
+    v = rows.shape[-1]
+    arr = rows.numpy()
+    _partition(arr, v - topk)
+    return torch.from_numpy(arr[:, v - topk :]).sum(-1)
+
+
 
 
 def _partition(arr, kth: int) -> None:
@@ -137,10 +163,54 @@ def shifted_logits(a: torch.Tensor, b: torch.Tensor, norms: torch.Tensor | None,
 def _interior_dense(a: torch.Tensor, cand: CandidateOperand, inv: float, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """a (R, D + 2) -> full, agg (R, n) over the candidates' interior class."""
     n = cand.n
-    logits = shifted_logits(a, cand.interior, cand.interior_norms, inv)  # (R, n * V)
+    b = cand.interior_rows()
+    logits = shifted_logits(a, b, cand.interior_norms, inv)  # (R, n * V)
     r = a.shape[0]
     full, agg = _exp_rows(logits.view(r * n, -1), topk)
     return full.view(r, n), agg.view(r, n)
+
+
+def _interior_conv(query: QueryOperand, cand: CandidateOperand, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """full, agg (R, n) over the candidates' interior class, R = Q * U: per group of a few images, one
+    convolution by the query rows (``conv_filters``) gives (n', R, G_i, G_i) shifted logits but the
+    candidates' norm term, taken off in place; then the clamp, exp and sum passes, and topk on the rows it
+    changes. The groups keep each output near CONV_CACHE_BYTES, so that those passes run in cache (1.9x
+    faster than over one large output on this project's CPU: docs/benchmarks/kernel.md)."""
+    c = cand.conv
+    weight, bias = query.conv_filters(c.pooled.shape[1])
+    r, g = weight.shape[0], c.norms.shape[-1]
+    step = max(1, CONV_CACHE_BYTES // (r * g * g * c.pooled.element_size()))
+    full = torch.empty((cand.n, r), dtype=c.pooled.dtype, device=c.pooled.device)
+    agg = full if topk is None or topk >= g * g else torch.empty_like(full)
+    for lo in range(0, cand.n, step):
+        hi = min(lo + step, cand.n)
+        out = F.conv2d(c.pooled[lo:hi], weight, bias, dilation=c.factor)  # channels-last memory: (n', G_i, G_i, R)
+        out.sub_(query.inv * c.norms[lo:hi])
+        out.clamp_(_floor(out.dtype), CEIL).exp_()
+        full[lo:hi] = f = out.sum((2, 3))  # (n', R)
+        if agg is full:
+            continue
+        agg[lo:hi] = f
+        rows = _needs_topk(f, topk, lambda: _count_above(out, TOPK_TAU)).nonzero(as_tuple=True)
+        if len(rows[0]):
+            agg[lo + rows[0], rows[1]] = _topk_of(out[rows].reshape(len(rows[0]), -1), topk)  # only those rows, (r', V)
+    return full.T, agg.T
+
+
+def _count_above(out: torch.Tensor, tau: float) -> torch.Tensor:
+    """(n, R) how many of each row's terms in out (n, R, G, G) exceed tau, through float passes (a
+    boolean sum over the channels-last layout is several times slower); a term equal to tau counts 1/2."""
+    v = out.shape[2] * out.shape[3]
+    return (torch.sub(out, tau).sign_().sum((2, 3)) + v) * 0.5
+
+
+def _conv_logits(c: ConvInterior, inv: float, rows: torch.Tensor) -> torch.Tensor:
+    """rows (r, D + 2) query rows -> (r, n, V) shifted logits over the interior class of ``c``'s n images."""
+    r, dim = rows.shape[0], rows.shape[1] - 2
+    channels = c.pooled.shape[1]
+    weight = rows[:, :dim].reshape(r, channels, c.patch, c.patch).contiguous()
+    out = F.conv2d(c.pooled, weight, rows[:, -1].contiguous(), dilation=c.factor).sub_(inv * c.norms)  # (n, r, G_i, G_i)
+    return out.transpose(0, 1).reshape(r, c.pooled.shape[0], -1)
 
 
 def _interior_screened(query: QueryOperand, a: torch.Tensor, cand: CandidateOperand, topk: int | None):
@@ -191,8 +261,12 @@ def shifted_masses(query: QueryOperand, cand: CandidateOperand, groups: list[Lay
     if gi is not None:
         pos = groups[gi].positions.to(full.device)
         a = query.interior
-        f, g = (_interior_screened(query, a, cand, topk) if query.screen is not None and cand.screen is not None
-                else _interior_dense(a, cand, query.inv, topk))  # (Q * U, n)
+        if cand.conv is not None:
+            f, g = _interior_conv(query, cand, topk)  # (Q * U, n)
+        elif query.screen is not None and cand.screen is not None:
+            f, g = _interior_screened(query, a, cand, topk)
+        else:
+            f, g = _interior_dense(a, cand, query.inv, topk)
         _put(full, agg, hit, pos, f, g)
     for batch, a, b, norms in zip(border_batches(groups), query.batched, cand.border, cand.border_norms):
         k, u = len(batch), len(groups[batch[0]])
@@ -223,7 +297,8 @@ def max_logits(queries: torch.Tensor, images: torch.Tensor, scale: Scale, groups
     out = torch.empty((nq, npos), dtype=queries.dtype, device=queries.device)
     gi = interior_index(groups)
     if gi is not None:
-        best = shifted_logits(op.interior, cand.interior, cand.interior_norms, inv).amax(-1)  # (Q * U,)
+        b = cand.interior_rows()
+        best = shifted_logits(op.interior, b, cand.interior_norms, inv).amax(-1)  # (Q * U,)
         out[:, groups[gi].positions.to(out.device)] = best.view(nq, -1)
     for batch, a, b, norms in zip(border_batches(groups), op.batched, cand.border, cand.border_norms):
         k, u = len(batch), len(groups[batch[0]])
@@ -239,14 +314,17 @@ class MassScan:
     Where a chunk holds a logit more than CEIL above the shift, the shift of those rows is raised to
     that chunk's exact maximum and those rows alone are recomputed; ``add`` then returns the factor
     (Q, L) by which the caller must multiply what it accumulated from earlier chunks (None when
-    unchanged). ``screened``: operands.kernel_path's choice for this device and dtype.
+    unchanged). ``path``: operands.kernel_path's choice for this device and dtype ('conv', 'screened' or
+    'dense').
     """
 
     def __init__(self, queries: torch.Tensor, groups: list[LayoutGroup], inv: float, shift: torch.Tensor,
-                 topk: int | None, scale: Scale, screened: bool = False):
+                 topk: int | None, scale: Scale, path: str = "dense"):
+        if path not in PATHS:
+            raise ValueError(f"kernel path must be one of {', '.join(PATHS)}, got {path!r}")
         self.queries, self.groups, self.inv, self.topk, self.scale = queries, groups, inv, topk, scale
-        self.screened = screened
-        self.operand = QueryOperand(queries, groups, inv, shift.to(queries.dtype).clone(), screened)
+        self.path = path
+        self.operand = QueryOperand(queries, groups, inv, shift.to(queries.dtype).clone(), path == "screened")
 
     @property
     def shift(self) -> torch.Tensor:
@@ -255,7 +333,8 @@ class MassScan:
 
     def add(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """images (n, C, H, W) of s * y_n -> (full (Q, L, n), agg (Q, L, n), rescale (Q, L) or None)."""
-        cand = CandidateOperand.build(images, self.scale, self.groups, self.inv, self.queries.shape[0], self.screened)
+        cand = CandidateOperand.build(images, self.scale, self.groups, self.inv, self.queries.shape[0],
+                                      self.path == "screened", self.path == "conv")
         full, agg, hit = shifted_masses(self.operand, cand, self.groups, self.topk)
         if not hit.any():
             return full, agg, None
@@ -264,23 +343,26 @@ class MassScan:
         classes = ([] if gi is None else [(gi, None, None)]) + [
             (i, bi, ci) for bi, batch in enumerate(border_batches(self.groups)) for ci, i in enumerate(batch)]
         for i, bi, ci in classes:
-            b = cand.interior if bi is None else cand.border[bi][ci]
-            norms = cand.interior_norms if bi is None else (None if cand.border_norms[bi] is None else cand.border_norms[bi][ci])
-            self._raise_rows(self.groups[i].positions.to(hit.device), hit, b, norms, cand.n, full, agg)
+            if bi is None and cand.conv is not None:
+                logits_of = functools.partial(_conv_logits, cand.conv, self.inv)
+            else:
+                b = cand.interior_rows() if bi is None else cand.border[bi][ci]
+                norms = cand.interior_norms if bi is None else (None if cand.border_norms[bi] is None else cand.border_norms[bi][ci])
+                logits_of = functools.partial(shifted_logits, b=b, norms=norms, inv=self.inv)
+            self._raise_rows(self.groups[i].positions.to(hit.device), hit, logits_of, cand.n, full, agg)
         self.operand.refresh()
         return full, agg, torch.exp(old - self.shift)
 
-    def _raise_rows(self, pos: torch.Tensor, hit: torch.Tensor, b: torch.Tensor, norms: torch.Tensor | None, n: int,
-                    full: torch.Tensor, agg: torch.Tensor) -> None:
+    def _raise_rows(self, pos: torch.Tensor, hit: torch.Tensor, logits_of, n: int, full: torch.Tensor, agg: torch.Tensor) -> None:
         """Recompute, in place, the rows at class positions ``pos`` that ``hit`` marks, with their shift
-        raised to this chunk's largest logit (only those rows: a GEMM of their query rows against the chunk).
-        ``b``, ``norms``: the class's candidate operand (``CandidateOperand``)."""
+        raised to this chunk's largest logit (only those rows: a product of their query rows with the chunk,
+        ``logits_of(rows (r, D + 2))`` -> (r, n * V) shifted logits, the class's product on this path)."""
         q_idx, u_idx = hit[:, pos].nonzero(as_tuple=True)
         if not len(q_idx):
             return
         at = pos[u_idx]
         sub = self.operand.aug[q_idx, at]  # (r, D + 2)
-        logits = shifted_logits(sub, b, norms, self.inv).view(len(q_idx), n, -1)  # (r, n, V), under the old shift
+        logits = logits_of(sub).reshape(len(q_idx), n, -1)  # (r, n, V), under the old shift
         delta = logits.amax((1, 2))  # > CEIL: the new shift is old + delta
         f, g = _exp_rows((logits - delta[:, None, None]).reshape(len(q_idx) * n, -1), self.topk)
         full[q_idx, at] = f.view(len(q_idx), n)

@@ -6,13 +6,20 @@ logit -||q - c||^2 / (2 sigma^2) - shift. The interior class (patches wholly ins
 the positions and 98% of the products at p = 7 on 32 x 32) is cut by ``unfold``; the border classes
 are gathered and stacked in batches of equal size (one batched GEMM per batch).
 
+Path ``conv`` (the CPU default, float32): the interior product is one direct convolution of the
+candidate images (block sums for f > 1, channels-last) by the query rows as filters, the bias carrying
+the query constant: oneDNN's convolution never cuts the candidates' patches (``unfold`` and its copy cost
+as much as the product; tools/bench_rescore.py), and it runs a few images at a time so that the passes
+over its output stay in cache (masses.CONV_CACHE_BYTES). The candidates' interior rows are cut only where
+asked for (``CandidateOperand.interior_rows``: the first chunk's maxima).
+
 Path ``screened`` (CPUs with AVX512-BF16 or AMX, CUDA GPUs; float32): the interior product is first
 taken in bfloat16 (2.1x oneDNN's float32 rate on AVX512-BF16) only to find, per query position and
 image, whether any term can lie within SCREEN_T of the shift; the exact float32 product is then taken
 for those rows alone. The screen's operands are [2 inv q, k_hi, k_lo, 1, 1] and [c, 1, 1, e_hi, e_lo]
 with k = -inv ||q||^2 - shift and e = -inv ||c||^2 split into two bfloat16 halves (so only the cross
 term carries bfloat16 rounding, at most 2^-8 |2 inv q_u| |c_v| per product by Cauchy-Schwarz, plus the
-output's). Path ``dense``: every product in the computation's dtype.
+output's). Path ``dense``: every product in the computation's dtype, the interior through ``unfold``.
 """
 from __future__ import annotations
 
@@ -39,18 +46,32 @@ def _cpu_has_bf16() -> bool:
 _CPU_BF16 = _cpu_has_bf16()
 
 
+PATHS = ("conv", "screened", "dense")
+
+
 def kernel_path(device: torch.device, dtype: torch.dtype) -> str:
-    """'screened' or 'dense' for a computation on ``device`` in ``dtype`` (NDA_ANN_KERNEL=dense forces dense)."""
-    if os.environ.get("NDA_ANN_KERNEL", "").lower() == "dense" or dtype != torch.float32:
+    """'conv', 'screened' or 'dense' for a computation on ``device`` in ``dtype``: float32 takes 'conv' on
+    the CPU (measured fastest there at p = 7, 14 and 10:2, with or without AVX512-BF16; kernel.md) and on
+    CUDA GPUs 'screened' from compute capability 8, else 'dense'; float64 always 'dense'.
+    NDA_ANN_KERNEL=conv|screened|dense forces a float32 path (screened falls back to dense without
+    bfloat16 products)."""
+    if dtype != torch.float32:
         return "dense"
-    if device.type == "cuda":
-        return "screened" if torch.cuda.get_device_capability(device)[0] >= 8 else "dense"
-    return "screened" if _CPU_BF16 else "dense"
+    bf16 = torch.cuda.get_device_capability(device)[0] >= 8 if device.type == "cuda" else _CPU_BF16
+    forced = os.environ.get("NDA_ANN_KERNEL", "").lower()
+    if forced in PATHS:
+        return "dense" if forced == "screened" and not bf16 else forced
+    if device.type == "cpu":
+        return "conv"
+    return "screened" if bf16 else "dense"
 
 
 def describe_kernel(device: torch.device, dtype: torch.dtype) -> str:
-    """One phrase for logs and summaries, e.g. 'screened (bf16 screen, float32 exact)'."""
-    if kernel_path(device, dtype) == "screened":
+    """One phrase for logs and summaries, e.g. 'conv (interior class as one float32 convolution ...)'."""
+    path = kernel_path(device, dtype)
+    if path == "conv":
+        return "conv (interior class as one float32 convolution of the candidates by the query patches)"
+    if path == "screened":
         return "screened (bfloat16 screen of the interior class, exact float32 products where it matters)"
     return f"dense ({str(dtype).removeprefix('torch.')} products)"
 
@@ -102,6 +123,7 @@ class QueryOperand:
             k, u = len(batch), len(self.groups[batch[0]])
             pos = torch.cat([self.groups[i].positions for i in batch])
             self.batched.append(self.aug[:, pos].view(nq, k, u, width).transpose(0, 1).reshape(k, nq * u, width))
+        self._conv = None
         self.screen = self.screen_err = None
         if self.screened and self.interior is not None and screens(self.groups, width - 2):
             cross = self.interior[:, :-2]  # 2 inv q
@@ -109,6 +131,15 @@ class QueryOperand:
             one = torch.ones_like(hi)
             self.screen = torch.cat([cross.to(torch.bfloat16), hi, lo, one, one], 1)
             self.screen_err = cross.norm(dim=1) * 2.0**-8
+
+    def conv_filters(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The interior rows as convolution filters (Q * U, C, m, m) = 2 inv q and their bias (Q * U,) =
+        -inv ||q||^2 - shift (the ``conv`` path; cached until ``refresh``)."""
+        if self._conv is None:
+            dim = self.aug.shape[-1] - 2
+            m = int(round((dim // channels) ** 0.5))
+            self._conv = (self.interior[:, :dim].reshape(-1, channels, m, m).contiguous(), self.interior[:, -1].contiguous())
+        return self._conv
 
     def raise_shift(self, q_idx: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor) -> None:
         """Raise the shift of rows (q_idx, pos) by ``delta``; call ``refresh`` once after the last raise."""
@@ -139,6 +170,27 @@ def patch_norms(images: torch.Tensor, scale: Scale, padded: bool) -> torch.Tenso
     return F.conv2d(x.square(), ones, dilation=f)[:, 0]
 
 
+def _cut_interior(pooled: torch.Tensor, norms: torch.Tensor, m: int, f: int, augment: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """pooled (n, C, H', W') block sums, norms (n, V) -> (interior (n * V, D'), interior_norms (n * V,) or None)."""
+    n = pooled.shape[0]
+    cols = F.unfold(pooled, m, dilation=f).transpose(1, 2)  # (n, V, D): the patches wholly inside, row-major
+    interior, flat_norms = _with_norms(cols, norms, augment)
+    return interior.view(n * cols.shape[1], -1), None if flat_norms is None else flat_norms.reshape(-1)
+
+
+@dataclass
+class ConvInterior:
+    """The interior class of n candidates as convolution input (path ``conv``): ``pooled`` (n, C, H', W')
+    channels-last block sums / f, ``norms`` (n, 1, G_i, G_i) the interior patches' squared norms."""
+
+    pooled: torch.Tensor
+    norms: torch.Tensor
+    patch: int  # m = p / f, the filter size
+    factor: int  # f, the convolution's dilation
+    augment: bool  # how ``CandidateOperand.interior_rows`` cuts the rows if asked
+
+
 @dataclass
 class CandidateOperand:
     """Candidate side for n images. ``interior`` (n * V, D') image-major; ``border[b]`` (k_b, n * V_b, D')
@@ -154,30 +206,41 @@ class CandidateOperand:
     border_norms: list[torch.Tensor | None] | None = None
     screen: torch.Tensor | None = None
     c_max: float = 0.0
+    conv: ConvInterior | None = None
+
+    def interior_rows(self) -> torch.Tensor | None:
+        """``interior`` (n * V, D'), cut on first use where the ``conv`` path skipped it (then also
+        ``interior_norms``)."""
+        if self.interior is None and self.conv is not None:
+            c = self.conv
+            self.interior, self.interior_norms = _cut_interior(c.pooled, c.norms.reshape(self.n, -1), c.patch, c.factor, c.augment)
+        return self.interior
 
     @classmethod
     def build(cls, images: torch.Tensor, scale: Scale, groups: list[LayoutGroup], inv: float, rows: int = 1,
-              screened: bool = False) -> "CandidateOperand":
+              screened: bool = False, conv: bool = False) -> "CandidateOperand":
         """images (n, C, H, W) of s * y_n, in the dtype and on the device of the computation; ``rows``
-        the queries Q of the operand it meets."""
+        the queries Q of the operand it meets; ``conv``: keep the interior class as ``ConvInterior``."""
         n, dim = images.shape[0], scale.dim(images.shape[1])
         gi = interior_index(groups)
         out = cls(n, [], None, border_norms=[])
         if gi is not None:
             f, m = scale.factor, scale.patch // scale.factor
             pooled = images if f == 1 else F.avg_pool2d(images, f, stride=1) * f  # block sums / f
-            cols = F.unfold(pooled, m, dilation=f).transpose(1, 2)  # (n, V, D): the patches wholly inside, row-major
-            norms = patch_norms(images, scale, padded=False).view(n, -1)  # (n, V)
-            interior, out.interior_norms = _with_norms(cols, norms, rows * len(groups[gi]) > dim)
-            out.interior = interior.view(n * cols.shape[1], -1)
-            if out.interior_norms is not None:
-                out.interior_norms = out.interior_norms.reshape(-1)
-            if screened and screens(groups, dim):
-                norms = norms[..., None]
-                hi, lo = _split(-inv * norms)
-                one = torch.ones_like(hi)
-                out.screen = torch.cat([cols.to(torch.bfloat16), one, one, hi, lo], -1).view(-1, dim + 4)
-                out.c_max = float(norms.max().sqrt())
+            norm_map = patch_norms(images, scale, padded=False)  # (n, G_i, G_i)
+            augment = rows * len(groups[gi]) > dim
+            if conv:
+                out.conv = ConvInterior(pooled.contiguous(memory_format=torch.channels_last), norm_map[:, None], m, f, augment)
+            else:
+                norms = norm_map.view(n, -1)  # (n, V)
+                out.interior, out.interior_norms = _cut_interior(pooled, norms, m, f, augment)
+                if screened and screens(groups, dim):
+                    cols = out.interior[:, :dim].reshape(n, -1, dim)
+                    norms = norms[..., None]
+                    hi, lo = _split(-inv * norms)
+                    one = torch.ones_like(hi)
+                    out.screen = torch.cat([cols.to(torch.bfloat16), one, one, hi, lo], -1).view(-1, dim + 4)
+                    out.c_max = float(norms.max().sqrt())
         batches = border_batches(groups)
         if batches:
             view = patch_view(images, scale)  # (n, G, G, C, m, m)
