@@ -232,8 +232,9 @@ def _settings_label(key: dict) -> str:
     return ", ".join(f"{names.get(a, a)} = {values.get((a, b), b)}" for a, b in k.items())
 
 
-def stage_report(work: Path) -> None:
-    """The fidelity and oracle tables of every corpus, size and t measured, into docs/benchmarks/scale.md."""
+def stage_report(work: Path, tag: str = "") -> None:
+    """The fidelity and oracle tables of every corpus, size and t measured, into docs/benchmarks/scale.md;
+    ``tag`` names a run kept beside the earlier ones (its own sections, e.g. after a kernel change)."""
     from bench_md import machine, simd, update_section
 
     for path in sorted((Path(work) / "fidelity").glob("*.json")):
@@ -242,7 +243,7 @@ def stage_report(work: Path) -> None:
         rows = json.loads(path.read_text())
         done, exact = load_exact(work, corpus, size, t)
         _, mass = load_exact(work, corpus, size, t, kind="mass")
-        lines = [f"## {corpus}, {SIZES[size]:,} images, t = {t} (tools/bench_scale.py)", "",
+        lines = [f"## {corpus}, {SIZES[size]:,} images, t = {t}{', ' + tag if tag else ''} (tools/bench_scale.py)", "",
                  f"`python tools/bench_scale.py fidelity --corpus {corpus} --size {size} --t {t} --index INDEX --configs ...` on "
                  f"{machine()}; {simd()}. {len(done)} held-out queries ({', '.join(sorted(set(r for r in rows[0]['per_query'] for r in [r['kind']])))}), "
                  "p = 7, topk 100, each attributed alone after a warm-up, index and store in the page cache; exact = the exact "
@@ -264,8 +265,9 @@ def stage_report(work: Path) -> None:
                                 ("mass share", "mass_share", "{:.2f}")):
             cells = [fmt.format(o[key]) for o in orc] + ["-"] * (7 - len(orc))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        update_section(f"scale_{corpus}_{size}_t{t}", "\n".join(lines))
-        print(f"wrote scale_{corpus}_{size}_t{t}")
+        key = f"scale_{corpus}_{size}_t{t}" + (f"_{tag.replace(' ', '_')}" if tag else "")
+        update_section(key, "\n".join(lines))
+        print(f"wrote {key}")
 
 
 def report_speed(work: Path) -> None:
@@ -313,6 +315,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4, help="queries per pass over the store")
     ap.add_argument("--budget", default="4G", help="memory budget of the exact scorer")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tag", default="", help="report: sections of their own for this run (e.g. 'conv kernel'), beside the earlier ones")
     ap.add_argument("--queries", type=int, default=QUERIES, help="exact / speed: only the first N queries (the large sizes)")
     args = ap.parse_args()
     if args.stage == "store":
@@ -332,7 +335,7 @@ def main() -> None:
         for t in args.t:
             stage_speed(args.work, args.corpus, args.size, t, args.index, args.configs, args.queries)
     elif args.stage == "report":
-        stage_report(args.work)
+        stage_report(args.work, args.tag)
         report_speed(args.work)
     else:
         stage_status(args.work)

@@ -101,6 +101,7 @@ def test_cli_max_outside_reports_the_rounds_in_summary_json(tmp_path):
 
     from nda_ann import build_index, demo_corpus, write_store
     from nda_ann.cli import main
+    from nda_ann.scoring.operands import kernel_path
 
     dc = demo_corpus(n_train=300, n_queries=1, seed=2)
     store = write_store(tmp_path / "store", dc.train)
@@ -114,5 +115,6 @@ def test_cli_max_outside_reports_the_rounds_in_summary_json(tmp_path):
     rec = summary["candidates"]["q.png"]["t=100"]
     assert summary["settings"]["max_outside"] == 0.2 and summary["settings"]["time_budget"] == 60
     assert summary["settings"]["outside_topup"] == 32
+    assert summary["settings"]["kernel"] == kernel_path(torch.device("cpu"), torch.float32)  # the path that ran
     assert 0 < rec["candidates"] <= 140 and rec["target_met"] == (rec["outside"] <= 0.2)
     assert rec["stopped_by"] in ("target", "pool")
