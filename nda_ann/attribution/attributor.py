@@ -176,7 +176,7 @@ class Attributor:
         (None: 128) non-candidate images, each scored at every position, estimate the non-candidates'
         share of the normaliser (outside_images.py), smoothed over neighbouring query positions by a
         Gaussian of ``outside_smoothing`` positions (None: 1.0; 0 = off; outside.smoothed_share), and topped
-        up in each later round by ``outside_topup`` (None: 64, or 0 under a ``time_budget``; 0 = off) images drawn against that round's
+        up in each later round by ``outside_topup`` (None: 64; 0 = off) images drawn against that round's
         candidates (rounds.py). ``max_outside`` F and / or
         ``time_budget`` S (seconds per query): re-score candidates in rounds until the estimated share
         outside them is below F or the time is spent (rounds.py; ``candidates`` then caps M);

@@ -111,12 +111,12 @@ def test_outside_topup_rejects_what_is_not_a_count(attributor):
             att.attribute(queries, 100, outside_topup=bad, maps=0)
 
 
-def test_the_top_up_defaults_to_64_images_and_to_none_under_a_time_budget():
+def test_the_top_up_defaults_to_64_images_with_or_without_a_time_budget():
     from nda_ann.attribution.settings import DEFAULT_OUTSIDE_TOPUP, AttributionSettings
     from nda_ann.scoring.schedule import NoiseSchedule
 
     sched = NoiseSchedule("linear")
     assert AttributionSettings.create(100, sched).outside_topup == DEFAULT_OUTSIDE_TOPUP == 64
-    assert AttributionSettings.create(100, sched, time_budget=2.0).outside_topup == 0
+    assert AttributionSettings.create(100, sched, time_budget=2.0).outside_topup == 64
     assert AttributionSettings.create(100, sched, time_budget=2.0, outside_topup=32).outside_topup == 32
     assert AttributionSettings.create(100, sched, max_outside=0.2, outside_topup=0).outside_topup == 0
