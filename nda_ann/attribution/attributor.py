@@ -36,7 +36,7 @@ from ..scoring.schedule import NoiseSchedule
 from ..units import parse_bytes
 from .candidates import Hits, candidate_mass, query_thumbnail, ranked_candidates, select_candidates
 from .fast import fast_scores
-from .known import known_logits, retrieved_outside
+from .known import known_logits, retrieved_outside, tail_distances
 from .maps import Contributions, keep_maps
 from .outside import sample_outside
 from .query_patches import NoisedBlock
@@ -243,7 +243,8 @@ class Attributor:
             return (*fast_scores(hits, self.scales, weights, draws, n, s, sigma2, settings.topk), None)
         patches = noised.of(b, self.device, dtype)
         exact_at = {sc: self._distances_exact(sc) for sc in self.scales}
-        known_of = (lambda cand: known_logits(self.corpus, cand, hits, patches, exact_at, s, sigma2)) if hits is not None else (lambda cand: {})
+        tail = None if hits is None else tail_distances(self.corpus, hits, patches, exact_at, s)  # once for every round
+        known_of = (lambda cand: known_logits(self.corpus, cand, hits, patches, exact_at, s, sigma2, tail)) if hits is not None else (lambda cand: {})
         if hits is None:
             pool, mass = np.arange(n), None
         else:

@@ -28,34 +28,52 @@ def non_candidate(image: np.ndarray, cand: np.ndarray, n: int) -> np.ndarray:
     return ~is_cand[image] & (image >= 0)
 
 
-def known_logits(corpus, cand: np.ndarray, hits: Hits, patches: dict, exact_at: dict, s: float, sigma2: float) -> Known:
+def tail_distances(corpus, hits: Hits, patches: dict, exact_at: dict, s: float) -> dict:
+    """Per (draw, scale) whose searcher's distances are not exact: (L, TAIL_K') float64 exact squared
+    distances (unscaled, like the index) of each query patch's TAIL_K nearest retrieved patches, from the
+    store's pixels (inf where none). They do not depend on the candidates, so rounds measure them once."""
+    out = {}
+    for (d, sc), (dist, image, position) in hits.items():
+        if exact_at[sc]:
+            continue
+        kt = min(TAIL_K, dist.shape[-1])
+        img, pos = image[:, :kt], position[:, :kt]
+        exact = np.full(img.shape, np.inf, dtype=np.float64)
+        u_idx, k_idx = np.nonzero(img >= 0)
+        if len(u_idx):
+            qv = patches[(d, sc)][0].double().cpu() / s  # (L, D), unscaled like the index
+            y = corpus.patch_vectors(img[u_idx, k_idx], pos[u_idx, k_idx], sc).double()  # (E, D)
+            exact[u_idx, k_idx] = (qv[torch.from_numpy(u_idx)] - y).square().sum(-1).numpy()
+        out[(d, sc)] = exact
+    return out
+
+
+def known_logits(corpus, cand: np.ndarray, hits: Hits, patches: dict, exact_at: dict, s: float, sigma2: float,
+                 tail: dict | None = None) -> Known:
     """Per (draw, scale): (logits (L, K') float64, image (L, K'), position (L, K')) of the retrieved
     patches of non-candidates, from exact distances; entries that are not such patches hold
     -inf / -1 / -1.
 
     Where the searcher's distances are exact (``exact_at[scale]``: Flat, IVF-Flat, pixel codes), all
     K retrieved as they are. Otherwise (PCA, lossy codes, which misjudge them) the ``TAIL_K`` nearest
-    of each query patch that belong to non-candidates, re-measured from the store's pixels.
+    of each query patch that belong to non-candidates, re-measured from the store's pixels
+    (``tail``: ``tail_distances`` of these hits, measured once; None: measured here).
     ``patches``: the query's (1, L, D) noised patch vectors per (draw, scale).
     """
     out = {}
     n = corpus.count
     scale_logit = -(s * s) / (2 * sigma2)
+    if tail is None:
+        tail = tail_distances(corpus, hits, patches, exact_at, s)
     for (d, sc), (dist, image, position) in hits.items():
         if exact_at[sc]:
             keep = non_candidate(image, cand, n)
             out[(d, sc)] = (np.where(keep, dist.astype(np.float64) * scale_logit, -np.inf), np.where(keep, image, -1), np.where(keep, position, -1))
             continue
-        kt = min(TAIL_K, dist.shape[-1])
-        img, pos = image[:, :kt], position[:, :kt]
+        exact = tail[(d, sc)]
+        img, pos = image[:, : exact.shape[1]], position[:, : exact.shape[1]]
         keep = non_candidate(img, cand, n)
-        exact = np.full(img.shape, np.inf, dtype=np.float64)
-        u_idx, k_idx = np.nonzero(keep)
-        if len(u_idx):
-            qv = patches[(d, sc)][0].double().cpu() / s  # (L, D), unscaled like the index
-            y = corpus.patch_vectors(img[u_idx, k_idx], pos[u_idx, k_idx], sc).double()  # (E, D)
-            exact[u_idx, k_idx] = (qv[torch.from_numpy(u_idx)] - y).square().sum(-1).numpy()
-        out[(d, sc)] = (exact * scale_logit, np.where(keep, img, -1), np.where(keep, pos, -1))  # inf * negative = -inf where dropped
+        out[(d, sc)] = (np.where(keep, exact * scale_logit, -np.inf), np.where(keep, img, -1), np.where(keep, pos, -1))
     return out
 
 
