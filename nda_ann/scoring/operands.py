@@ -133,12 +133,9 @@ class QueryOperand:
             self.screen_err = cross.norm(dim=1) * 2.0**-8
 
     def conv_filters(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The interior rows as convolution filters (Q * U, C, m, m) = 2 inv q and their bias (Q * U,) =
-        -inv ||q||^2 - shift (the ``conv`` path; cached until ``refresh``)."""
+        """The interior rows as ``filters_of`` them (the ``conv`` path; cached until ``refresh``)."""
         if self._conv is None:
-            dim = self.aug.shape[-1] - 2
-            m = int(round((dim // channels) ** 0.5))
-            self._conv = (self.interior[:, :dim].reshape(-1, channels, m, m).contiguous(), self.interior[:, -1].contiguous())
+            self._conv = filters_of(self.interior, channels)
         return self._conv
 
     def raise_shift(self, q_idx: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor) -> None:
@@ -170,6 +167,14 @@ def patch_norms(images: torch.Tensor, scale: Scale, padded: bool) -> torch.Tenso
     return F.conv2d(x.square(), ones, dilation=f)[:, 0]
 
 
+def filters_of(rows: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows (r, D + 2) of the augmented operand -> convolution filters (r, C, m, m) = 2 inv q and
+    their bias (r,) = -inv ||q||^2 - shift (the ``conv`` path; D = C m^2)."""
+    dim = rows.shape[1] - 2
+    m = int(round((dim // channels) ** 0.5))
+    return rows[:, :dim].reshape(-1, channels, m, m).contiguous(), rows[:, -1].contiguous()
+
+
 def _cut_interior(pooled: torch.Tensor, norms: torch.Tensor, m: int, f: int, augment: bool
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """pooled (n, C, H', W') block sums, norms (n, V) -> (interior (n * V, D'), interior_norms (n * V,) or None)."""
@@ -189,6 +194,12 @@ class ConvInterior:
     patch: int  # m = p / f, the filter size
     factor: int  # f, the convolution's dilation
     augment: bool  # how ``CandidateOperand.interior_rows`` cuts the rows if asked
+
+    def shifted(self, filters: tuple[torch.Tensor, torch.Tensor], inv: float, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """(n', r, G_i, G_i) shifted logits of images lo:hi for the query rows behind ``filters``
+        (``filters_of``): the convolution, less the candidates' norm term; channels-last memory."""
+        weight, bias = filters
+        return F.conv2d(self.pooled[lo:hi], weight, bias, dilation=self.factor).sub_(inv * self.norms[lo:hi])
 
 
 @dataclass
