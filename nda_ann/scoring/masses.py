@@ -120,8 +120,6 @@ def _topk_of(rows: torch.Tensor, topk: int) -> torch.Tensor:
     return torch.from_numpy(arr[:, v - topk :]).sum(-1)
 
 
-
-
 def _partition(arr, kth: int) -> None:
     """numpy's in-place introselect of every row of arr (R, V) at kth (3.5x torch.topk on rows of 676),
     split over torch's threads (numpy releases the GIL while it selects)."""
@@ -162,8 +160,7 @@ def shifted_logits(a: torch.Tensor, b: torch.Tensor, norms: torch.Tensor | None,
 def _interior_dense(a: torch.Tensor, cand: CandidateOperand, inv: float, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """a (R, D + 2) -> full, agg (R, n) over the candidates' interior class."""
     n = cand.n
-    b = cand.interior_rows()
-    logits = shifted_logits(a, b, cand.interior_norms, inv)  # (R, n * V)
+    logits = shifted_logits(a, cand.interior, cand.interior_norms, inv)  # (R, n * V)
     r = a.shape[0]
     full, agg = _exp_rows(logits.view(r * n, -1), topk)
     return full.view(r, n), agg.view(r, n)
@@ -292,8 +289,7 @@ def max_logits(queries: torch.Tensor, images: torch.Tensor, scale: Scale, groups
     out = torch.empty((nq, npos), dtype=queries.dtype, device=queries.device)
     gi = interior_index(groups)
     if gi is not None:
-        b = cand.interior_rows()
-        best = shifted_logits(op.interior, b, cand.interior_norms, inv).amax(-1)  # (Q * U,)
+        best = shifted_logits(op.interior, cand.interior, cand.interior_norms, inv).amax(-1)  # (Q * U,)
         out[:, groups[gi].positions.to(out.device)] = best.view(nq, -1)
     for batch, a, b, norms in zip(border_batches(groups), op.batched, cand.border, cand.border_norms):
         k, u = len(batch), len(groups[batch[0]])
@@ -341,7 +337,7 @@ class MassScan:
             if bi is None and cand.conv is not None:
                 logits_of = functools.partial(_conv_logits, cand.conv, self.inv)
             else:
-                b = cand.interior_rows() if bi is None else cand.border[bi][ci]
+                b = cand.interior if bi is None else cand.border[bi][ci]
                 norms = cand.interior_norms if bi is None else (None if cand.border_norms[bi] is None else cand.border_norms[bi][ci])
                 logits_of = functools.partial(shifted_logits, b=b, norms=norms, inv=self.inv)
             self._raise_rows(self.groups[i].positions.to(hit.device), hit, logits_of, cand.n, full, agg)

@@ -10,8 +10,9 @@ Path ``conv`` (the CPU default, float32): the interior product is one direct con
 candidate images (block sums for f > 1, channels-last) by the query rows as filters, the bias carrying
 the query constant: oneDNN's convolution never cuts the candidates' patches (``unfold`` and its copy cost
 as much as the product; tools/bench_rescore.py), and it runs a few images at a time so that the passes
-over its output stay in cache (masses.CONV_CACHE_BYTES). The candidates' interior rows are cut only where
-asked for (``CandidateOperand.interior_rows``: the first chunk's maxima).
+over its output stay in cache (masses.CONV_CACHE_BYTES). The conv path never cuts the candidates' interior
+rows (raised rows are convolved too); ``CandidateOperand.interior_rows`` cuts them on demand for a caller
+that wants them.
 
 Path ``screened`` (CPUs with AVX512-BF16 or AMX, CUDA GPUs; float32): the interior product is first
 taken in bfloat16 (2.1x oneDNN's float32 rate on AVX512-BF16) only to find, per query position and
