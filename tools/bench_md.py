@@ -14,7 +14,7 @@ TOPICS = ROOT / "docs" / "benchmarks"
 HEADER = "# nda-ann benchmarks\n\nEach section is written by the script named in it; rerun that script to refresh it.\n"
 # which topic file of docs/benchmarks/ holds a section, by the start of its name (BENCHMARKS.md itself: the headline)
 SECTION_TOPICS = [
-    (("bench_exact", "bench_rescore"), "kernel"), (("bench_build",), "index"), (("bench_attribute_speed",), "speed"),
+    (("bench_exact", "bench_rescore", "conv_routes"), "kernel"), (("bench_build",), "index"), (("bench_attribute_speed",), "speed"),
     (("bench_attribute_fidelity", "defaults_", "tail_", "two_scale", "stride", "rerank", "reading_attribute"), "fidelity"),
     (("outside_",), "outside"), (("million", "all_classes", "reading_million"), "million"), (("scale_",), "scale"),
     (("lds",), "lds"), (("bench_ray",), "ray"), (("bench_serve",), "serve"),

@@ -16,7 +16,13 @@ M images). Rows:
   logits replaced by the cell's log-sum-exp: what indexing every position would give those hits;
 - ``--rerank`` proxy: a pool of 4 x M by retrieved mass, re-ranked by exact mass at a subset of query
   positions (attribution/rerank.py: every border position and 1 in 9 interior ones);
-- ``perfect re-rank of P x M``: the ceiling of any re-ranker of that pool (the pool's best M by exact mass).
+- ``perfect re-rank of P x M``: the ceiling of any re-ranker of that pool (the pool's best M by exact mass);
+- ``offsets``: a pool of 4 x M by retrieved mass, re-ranked by exact mass at every query position but only
+  over the pairs (u, u + delta) whose offset delta one of the image's retrieved hits has (its T heaviest
+  offsets, or all; ``dilated``: and their 8 neighbours), normalised over the pool; ``all-pairs`` is the
+  same with every pair (the pool re-scored exactly, its normaliser the pool's). The ``covered`` extra
+  is the share of the pool's exact mass those pairs hold. This asks whether the hits' offsets could
+  stand in for a full re-scoring when ranking.
 
 Nothing here is timed: recall does not depend on the machine or its load.
 """
@@ -97,7 +103,71 @@ def refined_mass(att, nb, key, hits, r: int) -> np.ndarray:
     return sum_by_image(np.where(image >= 0, image, -1), w, att.corpus.count)
 
 
-def measure(corpus: str, size: str, index: Path, work: Path, t: int) -> tuple[list[str], np.ndarray, dict]:
+def offset_proxies(att, nb, key, hits, pool: np.ndarray, tops: tuple[int | None, ...]) -> dict[str, tuple[np.ndarray, float]]:
+    """Per variant name: ((len(pool),) proxy score, covered share of the pool's exact mass): each pooled
+    image's exact softmax mass (over the pool) at every query position, its terms restricted to the pairs
+    (u, u + delta) whose offset is among the image's ``top`` heaviest retrieved-hit offsets (None: all),
+    exactly or dilated by one position; and ``all-pairs``, every pair. Dense and naive (one (U, b, U)
+    logit block per layout class and 50 images), as a measurement only."""
+    from nda_ann.scoring.patches import extract_patches
+
+    dist, image, position = hits
+    sc = key[1]
+    g = sc.grid(att.corpus.shape[1])
+    width = 2 * g - 1
+    slot = np.full(att.corpus.count, -1)
+    slot[pool] = np.arange(len(pool))
+    inv = 1.0 / (2.0 * nb.sigma2)
+    w = torch.softmax(torch.from_numpy(-dist * (nb.s * nb.s) * inv), -1).nan_to_num_(0.0).numpy()
+    u, k = np.nonzero(image >= 0)
+    n = slot[image[u, k]]
+    u, k, n = u[n >= 0], k[n >= 0], n[n >= 0]
+    v = position[u, k]
+    code = (v // g - u // g + g - 1) * width + (v % g - u % g + g - 1)  # the offset delta = v - u
+    offset_w = np.zeros((len(pool), width * width))
+    np.add.at(offset_w, (n, code), w[u, k])
+    allowed: dict[str, torch.Tensor] = {}
+    for top in tops:
+        for dil in (0, 1):
+            keep = offset_w > 0
+            if top is not None:
+                order = np.argsort(-offset_w, 1)[:, :top]
+                keep = np.zeros_like(keep)
+                np.put_along_axis(keep, order, True, 1)
+                keep &= offset_w > 0
+            if dil:
+                grid2 = keep.reshape(len(pool), width, width)
+                out = grid2.copy()
+                for a in (-1, 0, 1):
+                    for b in (-1, 0, 1):
+                        out |= np.roll(np.roll(grid2, a, 1), b, 2)  # wraps at |delta| = g - 1, where no pair exists
+                keep = out.reshape(len(pool), -1)
+            allowed[f"offsets, {'all' if top is None else f'heaviest {top}'}{', dilated' if dil else ''}"] = torch.from_numpy(keep)
+    qp = nb.of(0, torch.device("cpu"), torch.float32)[(0, sc)][0]  # (L, D)
+    lse = {name: torch.full((qp.shape[0], len(pool)), -np.inf, dtype=torch.float64) for name in ["all-pairs", *allowed]}
+    for lo in range(0, len(pool), 50):
+        b = min(50, len(pool) - lo)
+        cp = extract_patches(att.corpus.take(pool[lo : lo + b]).to(torch.float32) * nb.s, sc)  # (b, L, D)
+        cn = cp.square().sum(-1)
+        for grp in att.groups[sc]:
+            pos = grp.positions
+            logits = torch.addmm(cn[:, pos].reshape(1, -1), qp[pos], cp[:, pos].reshape(-1, cp.shape[-1]).T, beta=-1.0, alpha=2.0)
+            logits = logits.mul_(inv).view(len(pos), b, len(pos))  # (u, image, v), less the constant -inv ||q_u||^2
+            lse["all-pairs"][pos, lo : lo + b] = torch.logsumexp(logits, -1).double()
+            r, c = pos // g, pos % g
+            delta = ((r[None, :] - r[:, None]) + g - 1) * width + (c[None, :] - c[:, None]) + g - 1  # (u, v)
+            for name, keep in allowed.items():
+                mask = keep[lo : lo + b][:, delta].permute(1, 0, 2)  # (u, image, v)
+                lse[name][pos, lo : lo + b] = torch.logsumexp(logits.masked_fill(~mask, -np.inf), -1).double()
+    full_w = torch.softmax(lse["all-pairs"], 1)
+    out = {}
+    for name, x in lse.items():
+        covered = float((full_w * (x - lse["all-pairs"]).exp().nan_to_num(0.0)).sum() / full_w.sum())
+        out[name] = (torch.softmax(x, 1).nan_to_num(0.0).sum(0).numpy(), covered)
+    return out
+
+
+def measure(corpus: str, size: str, index: Path, work: Path, t: int, offsets: bool = True) -> tuple[list[str], np.ndarray, dict]:
     """(row names, (rows, queries, len(MS)) recall, extras): every ranking of the module docstring."""
     from nda_ann import Attributor
     from nda_ann.attribution.candidates import candidate_mass
@@ -113,6 +183,7 @@ def measure(corpus: str, size: str, index: Path, work: Path, t: int) -> tuple[li
     images, _, _ = queries(work, corpus)
     names: list[str] = []
     table: dict[str, list[list[float]]] = {}
+    extras: dict = {}
 
     def add(name: str, values: list[float]) -> None:
         if name not in table:
@@ -152,21 +223,27 @@ def measure(corpus: str, size: str, index: Path, work: Path, t: int) -> tuple[li
         proxy = proxy_scores(att.corpus, pool, patches, att.groups, att.scales, [1.0], 1, nb.s, nb.sigma2, att.budget)
         reranked = pool[np.argsort(-proxy, kind="stable")]
         add("--rerank 4 proxy (M = 500 only)", [np.nan, recall(ex, reranked, 500), np.nan])
+        for name, (score, covered) in (offset_proxies(att, nb, key, hits, pool, (16, None)) if offsets else {}).items():
+            add(f"pool of 4 x M re-ranked: {name} (M = 500 only)", [np.nan, recall(ex, pool[np.argsort(-score, kind="stable")], 500), np.nan])
+            extras.setdefault("covered", {}).setdefault(name, []).append(covered)
         print(f"query {q}: " + ", ".join(f"{n.split(' (')[0]} {table[n][-1][1]:.3f}" for n in names[:1] + names[-4:]), flush=True)
-    extras = {"queries": len(done)}
+    extras["queries"] = len(done)
     return names, np.array([table[n] for n in names]), extras
 
 
-def section(corpus: str, size: str, index: Path, t: int, names: list[str], values: np.ndarray, extras: dict) -> str:
+def section(corpus: str, size: str, index: Path, t: int, names: list[str], values: np.ndarray, extras: dict, tag: str = "") -> str:
     from bench_md import machine, simd
 
-    lines = [f"## Candidate recall by ranking: {corpus}, {size} images, t = {t} (tools/bench_recall.py)", "",
+    lines = [f"## Candidate recall by ranking: {corpus}, {size} images, t = {t}{', ' + tag if tag else ''} (tools/bench_recall.py)", "",
              f"`python tools/bench_recall.py --corpus {corpus} --size {size} --index {index.name}` on {machine()}; {simd()}. "
              f"{extras['queries']} held-out queries, p = 7; recall = the chosen M's share of the exact softmax mass over the "
              "exact top M's (mean over queries); the exact scores are bench_scale.py's cache. Nothing is timed.", "",
              "| ranking | " + " | ".join(f"M = {m:,}" for m in MS) + " |", "|---|" + "---|" * len(MS)]
     for name, row in zip(names, values.mean(1)):
         lines.append(f"| {name} | " + " | ".join("" if np.isnan(v) else f"{v:.3f}" for v in row) + " |")
+    if extras.get("covered"):
+        lines += ["", "Share of the pool's exact mass (4 x 500 images) on the pairs each offsets row keeps (mean over queries): "
+                  + "; ".join(f"{name} {np.mean(v):.3f}" for name, v in extras["covered"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -179,11 +256,14 @@ def main() -> None:
     ap.add_argument("--index", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent.parent / "results", help="bench_scale.py's work folder")
     ap.add_argument("--t", type=int, default=100)
+    ap.add_argument("--tag", default="", help="a section of its own for this index (e.g. 'stride 2'), beside the default one")
+    ap.add_argument("--skip-offsets", action="store_true", help="leave out the offsets rows (the slow part)")
     args = ap.parse_args()
-    names, values, extras = measure(args.corpus, args.size, args.index, args.work, args.t)
-    body = section(args.corpus, args.size, args.index, args.t, names, values, extras)
+    names, values, extras = measure(args.corpus, args.size, args.index, args.work, args.t, not args.skip_offsets)
+    body = section(args.corpus, args.size, args.index, args.t, names, values, extras, args.tag)
     print(body)
-    update_section(f"scale_recall_{args.corpus}_{args.size}_t{args.t}", body)
+    suffix = "_" + "_".join(args.tag.lower().split()) if args.tag else ""
+    update_section(f"scale_recall_{args.corpus}_{args.size}_t{args.t}{suffix}", body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Where the conv re-scoring path's time goes, and what two routes past it give (measured, one run).
+
+    python tools/bench_conv_routes.py --images 600 --repeats 3
+
+On real 32x32 crops (the demo corpus), one noised query, p = 7, t = 100, the interior class only (two
+thirds of the positions, most of the work), each stage timed alone over ``--images`` candidates in the
+groups the product uses (``masses.CONV_CACHE_BYTES`` of output per convolution):
+
+- ``convolution``: oneDNN's fp32 direct convolution of the candidates by the query patches;
+- ``+ norms, clamp, exp, sum, count``: what ``masses._interior_conv`` does on each group without topk;
+- ``+ topk selection``: the same with topk 100 (the rows it must select, gathered and partitioned);
+- route 1, ``bfloat16 convolution``: the same convolution in bfloat16 (the stored pixels are exact in
+  bfloat16; the query patches are not, and oneDNN writes the output in bfloat16, so its logits are off by
+  the deviation shown, far beyond the 1e-4 the scores need);
+- route 2, ``compiled output pass``: the norms, clamp, exp, sum and count fused into one loop by
+  ``torch.compile`` (inductor's C++ backend; needs a compiler), after the fp32 convolution; its first
+  call's compile time is reported apart.
+
+Each row runs ``--repeats`` times interleaved; the table keeps the fastest. Deviations are of the
+(n, R) full sums, as a share of the largest, against the product's own pass.
+
+``--index INDEX``: also route 2 end to end, swapped into ``masses._interior_conv`` for whole queries
+(the crops queries of tools/scale_corpora.py, defaults, topk 100), A B A B in one process; the rows
+topk must select are recomputed from the kept convolution output.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_md import machine, simd, update_section  # noqa: E402
+from nda_ann import demo_corpus  # noqa: E402
+from nda_ann.corpus.store import uint8_to_float  # noqa: E402
+from nda_ann.scoring import masses  # noqa: E402
+from nda_ann.scoring.masses import CEIL, CONV_CACHE_BYTES, TOPK_TAU, max_logits  # noqa: E402
+from nda_ann.scoring.operands import CandidateOperand, QueryOperand  # noqa: E402
+from nda_ann.scoring.patches import extract_patches, layout_groups  # noqa: E402
+from nda_ann.scoring.scales import Scale  # noqa: E402
+from nda_ann.scoring.schedule import NoiseSchedule, noise_images  # noqa: E402
+
+FLOOR = masses.FLOOR[torch.float32]
+
+
+def output_pass(out: torch.Tensor, norms: torch.Tensor, inv: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (n, R, G, G) convolution output, norms (n, 1, G, G) -> (full (n, R), count above TOPK_TAU (n, R))."""
+    w = (out - inv * norms).clamp(FLOOR, CEIL).exp()
+    return w.sum((2, 3)), (w > TOPK_TAU).sum((2, 3))
+
+
+def route2_interior(compiled):
+    """masses._interior_conv with route 2's output pass (same arguments and result)."""
+
+    def interior(query, cand, topk):
+        c = cand.conv
+        weight, bias = query.conv_filters(c.pooled.shape[1])
+        r, g = weight.shape[0], c.norms.shape[-1]
+        step = max(1, CONV_CACHE_BYTES // (r * g * g * c.pooled.element_size()))
+        full = torch.empty((cand.n, r), dtype=c.pooled.dtype)
+        agg = full if topk is None or topk >= g * g else torch.empty_like(full)
+        for lo in range(0, cand.n, step):
+            hi = min(lo + step, cand.n)
+            out = F.conv2d(c.pooled[lo:hi], weight, bias, dilation=c.factor)  # (n', R, G, G)
+            f, count = compiled(out, c.norms[lo:hi], query.inv)
+            full[lo:hi] = f
+            if agg is full:
+                continue
+            agg[lo:hi] = f
+            rows = ((f > topk * TOPK_TAU) & (count > topk)).nonzero(as_tuple=True)
+            if len(rows[0]):
+                w = (out[rows] - query.inv * c.norms[lo + rows[0], 0]).clamp_(FLOOR, CEIL).exp_()
+                agg[lo + rows[0], rows[1]] = masses._topk_of(w.reshape(len(rows[0]), -1), topk)
+        return full.T, agg.T
+
+    return interior
+
+
+def end_to_end(index: Path, compiled, queries_n: int, repeats: int) -> dict[str, float]:
+    """Fastest mean seconds per query of the product and of route 2 on ``index`` (A B A B ...)."""
+    from bench_scale import open_warm
+    from scale_corpora import queries
+
+    att = open_warm(index)
+    images, _, _ = queries(None, "crops")
+    paths = {"product (conv path)": masses._interior_conv, "route 2 (compiled output pass)": route2_interior(compiled)}
+    best = {name: float("inf") for name in paths}
+    try:
+        for name, fn in paths.items():  # warm-up (and route 2's compile)
+            masses._interior_conv = fn
+            att.attribute(images[:1], 100, topk=100)
+        for _ in range(repeats):
+            for name, fn in paths.items():
+                masses._interior_conv = fn
+                t0 = time.perf_counter()
+                for q in range(1, 1 + queries_n):
+                    att.attribute(images[q : q + 1], 100, topk=100)
+                best[name] = min(best[name], (time.perf_counter() - t0) / queries_n)
+                print(name, best[name], flush=True)
+    finally:
+        masses._interior_conv = paths["product (conv path)"]
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=600)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--t", type=int, default=100)
+    ap.add_argument("--index", type=Path, default=None, help="also time route 2 end to end on this index")
+    ap.add_argument("--queries", type=int, default=3, help="end to end: queries per timed run")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    dc = demo_corpus(n_train=args.images, n_queries=1, seed=0)
+    sched = NoiseSchedule("linear")
+    s, sigma2 = sched.signal_and_noise(args.t)
+    inv = 1.0 / (2.0 * sigma2)
+    images = uint8_to_float(dc.train) * s
+    sc = Scale.parse("7")
+    groups = layout_groups(32, sc)
+    qp = extract_patches(noise_images(uint8_to_float(dc.queries), args.t, sched, 0, 0), sc)  # (1, L, D)
+    query = QueryOperand(qp, groups, inv, max_logits(qp, images[:16], sc, groups, inv))
+    cand = CandidateOperand.build(images, sc, groups, inv, 1, conv=True)
+    c = cand.conv
+    weight, bias = query.conv_filters(c.pooled.shape[1])
+    r, g = weight.shape[0], c.norms.shape[-1]
+    step = max(1, CONV_CACHE_BYTES // (r * g * g * 4))
+    spans = [(lo, min(lo + step, cand.n)) for lo in range(0, cand.n, step)]
+    pooled16, weight16, bias16 = c.pooled.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    compiled = torch.compile(output_pass, dynamic=False)
+
+    def conv_only():
+        for lo, hi in spans:
+            F.conv2d(c.pooled[lo:hi], weight, bias)
+
+    def conv_bf16():
+        return torch.cat([F.conv2d(pooled16[lo:hi], weight16, bias16).float().sub_(inv * c.norms[lo:hi]).clamp_(FLOOR, CEIL)
+                          .exp_().sum((2, 3)) for lo, hi in spans])
+
+    def product(topk):
+        return lambda: masses._interior_conv(query, cand, topk)[0].T
+
+    def fused():
+        return torch.cat([compiled(F.conv2d(c.pooled[lo:hi], weight, bias), c.norms[lo:hi], inv)[0] for lo, hi in spans])
+
+    t0 = time.perf_counter()
+    fused()
+    compile_s = time.perf_counter() - t0
+    stages = {"convolution (fp32, oneDNN)": conv_only, "+ norms, clamp, exp, sum, count (the product, no topk)": product(None),
+              "+ topk 100 selection (the product)": product(100), "route 1: bfloat16 convolution, then the same passes": conv_bf16,
+              "route 2: fp32 convolution + compiled output pass": fused}
+    best = {name: float("inf") for name in stages}
+    outs = {}
+    for _ in range(args.repeats):
+        for name, fn in stages.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    ref = outs["+ norms, clamp, exp, sum, count (the product, no topk)"].double()
+    base = best["+ norms, clamp, exp, sum, count (the product, no topk)"]
+    rows = []
+    for name in stages:
+        out = outs[name]
+        dev = "" if out is None else f"{float((out.double() - ref).abs().max() / ref.abs().max()):.1e}"
+        rows.append((name, args.images / best[name], best[name] / args.images * 1e3, base / best[name], dev))
+        print(rows[-1], flush=True)
+    lines = ["## Routes past the conv path (tools/bench_conv_routes.py)", "",
+             f"`python tools/bench_conv_routes.py --images {args.images} --repeats {args.repeats}` on {machine()}; {simd()}.",
+             f"One query, t = {args.t}, p = 7, {args.images} real 32x32 crops, the interior class ({r} query rows x "
+             f"{g * g} positions per image), {step} images per convolution; fastest of {args.repeats} interleaved runs. "
+             f"Compile time of route 2's first call: {compile_s:.1f} s.", "",
+             "| stage | images / s per query | ms per image | speed against the product without topk | max deviation of the full sums |",
+             "|---|---|---|---|---|"]
+    for name, rate, ms, speed, dev in rows:
+        lines.append(f"| {name} | {rate:,.0f} | {ms:.3f} | {speed:.2f}x | {dev} |")
+    if args.index is not None:
+        e2e = end_to_end(args.index, torch.compile(output_pass), args.queries, 2)  # shapes vary: dynamic after the first recompile
+        lines += ["", f"End to end on `{args.index.name}` (`--index`; crops queries 1-{args.queries}, defaults, topk 100, "
+                  "fastest of 2 interleaved runs), seconds per query: "
+                  + "; ".join(f"{name} {sec:.2f}" for name, sec in e2e.items()) + "."]
+    body = "\n".join(lines) + "\n"
+    print(body)
+    if not args.no_write:
+        update_section("conv_routes", body)
+
+
+if __name__ == "__main__":
+    main()
