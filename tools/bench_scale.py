@@ -243,10 +243,9 @@ def _settings_label(key: dict) -> str:
         return "defaults"
     names = {"candidates": "M", "time_budget": "budget s", "max_outside": "F", "outside_sample": "sample", "tail": "tail", "k": "K"}
     values = {("tail", True): "retrieved (unscaled)", ("tail", False): "off", ("tail", "scaled"): "scaled"}
-    if k.pop("oracle_pool", False):
-        rest = ", ".join(f"{names.get(a, a)} = {values.get((a, b), b)}" for a, b in k.items())
-        return "pool ranked by the exact mass (oracle)" + (f", {rest}" if rest else "")
-    return ", ".join(f"{names.get(a, a)} = {values.get((a, b), b)}" for a, b in k.items())
+    oracle = k.pop("oracle_pool", False)
+    text = ", ".join(f"{names.get(a, a)} = {values.get((a, b), b)}" for a, b in k.items())
+    return "pool ranked by the exact mass (oracle)" + (f", {text}" if text else "") if oracle else text
 
 
 def stage_report(work: Path, tag: str = "") -> None:

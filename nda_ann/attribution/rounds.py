@@ -2,8 +2,8 @@
 normaliser outside the re-scored images falls below a target, or the query's time is spent.
 
 Round 1 re-scores the ``first`` best-ranked candidates; each later round doubles the count (or takes
-what the remaining time allows at the per-image cost measured so far), in the candidate ranking's
-order. The outside-mass sample is drawn against round 1's candidates; images that later become
+what the remaining time allows at the per-image cost measured so far, less what the last round's known
+logits and top-up took, since they follow each round), in the candidate ranking's order. The outside-mass sample is drawn against round 1's candidates; images that later become
 candidates leave it, which keeps it unbiased for those still outside (outside.py). Its guided draws
 are the images most likely to become candidates, so it thins where the outside mass is; ``topup``
 draws a fresh sample against each later round's candidates, pooled with what is left of the earlier
@@ -46,7 +46,9 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
     t0 = time.perf_counter()
     res.add(pool[:m])
     per_image = (time.perf_counter() - t0) / max(m, 1)
+    t0 = time.perf_counter()
     known = known_of(res.cand())
+    after = time.perf_counter() - t0  # what follows each round (its known logits and top-up): planned for
     while True:
         outside = float(res.outside(retrieved_outside(known), sampled).mean())
         if target is None and deadline is None:
@@ -57,7 +59,7 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
             break
         step, stopped = min(len(pool) - m, m), "pool"  # doubling, within the ranked pool
         if deadline is not None:
-            affordable = int((deadline - time.perf_counter()) / max(per_image, 1e-6))
+            affordable = int((deadline - time.perf_counter() - after) / max(per_image, 1e-6))
             if affordable < step:
                 step, stopped = affordable, "time"
         if step < max(MIN_ROUND, m // 10):
@@ -66,7 +68,9 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
         res.add(pool[m : m + step])
         per_image = (time.perf_counter() - t0) / step
         m, rounds = m + step, rounds + 1
+        t0 = time.perf_counter()
         known = known_of(res.cand())
         if topup is not None and (deadline is None or time.perf_counter() < deadline):  # a spent budget keeps the sample
             sampled = top_up(sampled, topup(res.cand(), known, rounds - 1))
+        after = time.perf_counter() - t0
     return known, sampled, RoundsRecord(m, outside, target is not None and outside <= target, rounds, stopped)

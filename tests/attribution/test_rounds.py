@@ -118,3 +118,38 @@ def test_cli_max_outside_reports_the_rounds_in_summary_json(tmp_path):
     assert summary["settings"]["kernel"] == kernel_path(torch.device("cpu"), torch.float32)  # the path that ran
     assert 0 < rec["candidates"] <= 140 and rec["target_met"] == (rec["outside"] <= 0.2)
     assert rec["stopped_by"] in ("target", "pool")
+
+
+def test_a_time_budget_plans_for_the_known_logits_that_follow_each_round(monkeypatch):
+    """On a fake clock: re-scoring costs 1 ms per image and each round's known logits 100 ms after it; the
+    rounds stop within the deadline (planning on re-scoring alone would end the last round's known logits
+    56 ms past it), and use the time: the last round fills what is left."""
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(rounds_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(rounds_mod, "retrieved_outside", lambda known: known)
+
+    class Res:
+        def __init__(self):
+            self.ids: list[int] = []
+
+        def add(self, ids):
+            clock[0] += 1e-3 * len(ids)
+            self.ids += list(ids)
+
+        def cand(self):
+            return np.sort(np.array(self.ids))
+
+        def outside(self, retrieved, sampled):
+            return np.ones(1)  # never meets a target: only the time stops the rounds
+
+    def known_of(cand):
+        clock[0] += 0.1
+        return {}
+
+    res = Res()
+    _, _, record = rounds_mod.grow(res, np.arange(10_000), 32, known_of, {}, None, 0.6)
+    assert clock[0] <= 0.6 + 1e-9 and record.stopped_by == "time"
+    assert clock[0] > 0.6 - 0.1 - 1e-3 * rounds_mod.MIN_ROUND  # no round that fitted was left out
+    assert len(res.ids) == record.candidates == len(set(res.ids))
