@@ -3,11 +3,12 @@ normaliser outside the re-scored images falls below a target, or the query's tim
 
 Round 1 re-scores the ``first`` best-ranked candidates; each later round doubles the count (or takes
 what the remaining time allows at the per-image cost measured so far, less what the last round's known
-logits and top-up took, since they follow each round), in the candidate ranking's order. The outside-mass sample is drawn against round 1's candidates; images that later become
-candidates leave it, which keeps it unbiased for those still outside (outside.py). Its guided draws
-are the images most likely to become candidates, so it thins where the outside mass is; ``topup``
-draws a fresh sample against each later round's candidates, pooled with what is left of the earlier
-ones (outside.top_up).
+logits and top-up took, since they follow each round), in the candidate ranking's order. The
+outside-mass sample is drawn against round 1's candidates; images that later become candidates leave
+it, which keeps it unbiased for those still outside (outside.py). Its guided draws are the images most
+likely to become candidates, so it thins where the outside mass is; ``topup`` draws a fresh sample
+against each later round's candidates, pooled with what is left of the earlier ones
+(outside.top_up).
 """
 from __future__ import annotations
 
