@@ -109,6 +109,7 @@ def offset_proxies(att, nb, key, hits, pool: np.ndarray, tops: tuple[int | None,
     (u, u + delta) whose offset is among the image's ``top`` heaviest retrieved-hit offsets (None: all),
     exactly or dilated by one position; and ``all-pairs``, every pair. Dense and naive (one (U, b, U)
     logit block per layout class and 50 images), as a measurement only."""
+    from nda_ann.attribution.candidates import softmax_over_retrieved
     from nda_ann.scoring.patches import extract_patches
 
     dist, image, position = hits
@@ -118,7 +119,7 @@ def offset_proxies(att, nb, key, hits, pool: np.ndarray, tops: tuple[int | None,
     slot = np.full(att.corpus.count, -1)
     slot[pool] = np.arange(len(pool))
     inv = 1.0 / (2.0 * nb.sigma2)
-    w = torch.softmax(torch.from_numpy(-dist * (nb.s * nb.s) * inv), -1).nan_to_num_(0.0).numpy()
+    w = softmax_over_retrieved(dist, nb.s, nb.sigma2).numpy()
     u, k = np.nonzero(image >= 0)
     n = slot[image[u, k]]
     u, k, n = u[n >= 0], k[n >= 0], n[n >= 0]
@@ -262,7 +263,7 @@ def main() -> None:
     names, values, extras = measure(args.corpus, args.size, args.index, args.work, args.t, not args.skip_offsets)
     body = section(args.corpus, args.size, args.index, args.t, names, values, extras, args.tag)
     print(body)
-    suffix = "_" + "_".join(args.tag.lower().split()) if args.tag else ""
+    suffix = f"_{args.tag.replace(' ', '_')}" if args.tag else ""  # as bench_scale.py report names its tagged sections
     update_section(f"scale_recall_{args.corpus}_{args.size}_t{args.t}{suffix}", body)
 
 

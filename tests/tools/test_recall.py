@@ -48,7 +48,7 @@ def _offset_setup(rng, images: int = 3, size: int = 8):
     corpus = SimpleNamespace(count=images, shape=(3, size, size), take=lambda ids: pix[1:][torch.as_tensor(np.asarray(ids))])
     att = SimpleNamespace(corpus=corpus, groups={sc: layout_groups(size, sc)})
     nb = NoisedBlock.make(pix[:1], 100, NoiseSchedule("linear"), 0, 1, [sc])
-    return att, nb, nb.keys[0], pix, sc
+    return att, nb, nb.keys[0], sc
 
 
 def _naive_offset_score(att, nb, sc, pool, allowed) -> np.ndarray:
@@ -78,7 +78,7 @@ def _naive_offset_score(att, nb, sc, pool, allowed) -> np.ndarray:
 def test_offset_proxies_match_a_naive_restricted_softmax_and_all_offsets_give_all_pairs(rng):
     from bench_recall import offset_proxies
 
-    att, nb, key, _, sc = _offset_setup(rng)
+    att, nb, key, sc = _offset_setup(rng)
     g, pool = sc.grid(8), np.array([2, 0, 1])
     positions = np.arange(g * g)
     # every image hit at every position by every query patch: every offset present
