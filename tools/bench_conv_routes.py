@@ -15,7 +15,14 @@ groups the product uses (``masses.CONV_CACHE_BYTES`` of output per convolution):
   the deviation shown, far beyond the 1e-4 the scores need);
 - route 2, ``compiled output pass``: the norms, clamp, exp, sum and count fused into one loop by
   ``torch.compile`` (inductor's C++ backend; needs a compiler), after the fp32 convolution; its first
-  call's compile time is reported apart.
+  call's compile time is reported apart;
+- route 3, ``bfloat16 hi/lo convolution``: the convolution under oneDNN's bfloat16 fpmath mode (AMX tiles
+  where the CPU has them, AVX512-BF16 otherwise), kept exact to about 2^-17: the input is the integer
+  pixels (exact in bfloat16), each held twice along the channels, and the filters are the query patches
+  times s / 127.5 split into a bfloat16 high half and the bfloat16 rest, so the sum over channels adds
+  both halves in fp32; the width is unfolded into the channels first (21 x 2 channels, 7 x 1 filters:
+  oneDNN's AMX kernel is slow on 3 channels); the -s sum(q) term of the pixel offset goes into the bias.
+  A second row splits the filters in three bfloat16 parts (about 2^-25, fp32's own rounding).
 
 Each row runs ``--repeats`` times interleaved; the table keeps the fastest. Deviations are of the
 (n, R) full sums, as a share of the largest, against the product's own pass.
@@ -83,6 +90,29 @@ def route2_interior(compiled):
     return interior
 
 
+def widen(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x (n, C, H, W) -> (n, C m, H, W - m + 1): channel c m + j holds x[c, :, w + j] (route 3's input)."""
+    n, ch, h, w = x.shape
+    return x.unfold(3, m, 1).permute(0, 1, 4, 2, 3).reshape(n, ch * m, h, w - m + 1)
+
+
+def route3_operands(images: torch.Tensor, s: float, weight: torch.Tensor, bias: torch.Tensor, parts: int = 2
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """images (n, C, H, W) of s y with y = u / 127.5 - 1, filters (R, C, m, m) and bias (R,) of the product
+    -> (input (n, k C m, H, W - m + 1) of the integer pixels u k times, filters (R, k C m, m, 1) of the k
+    bfloat16 parts of the scaled filters, bias (R,)); k = ``parts``."""
+    m = weight.shape[-1]
+    pixels = torch.round((images / s + 1.0) * 127.5)
+    rest, split = weight * (s / 127.5), []
+    for _ in range(parts):
+        split.append(rest.bfloat16().float())
+        rest = rest - split[-1]
+    flat = [w.permute(0, 1, 3, 2).reshape(w.shape[0], -1, m, 1) for w in split]
+    wide = widen(pixels, m)
+    return (torch.cat([wide] * parts, 1).contiguous(memory_format=torch.channels_last), torch.cat(flat, 1).contiguous(),
+            bias - s * weight.sum((1, 2, 3)))
+
+
 def end_to_end(index: Path, compiled, queries_n: int, repeats: int) -> dict[str, float]:
     """Fastest mean seconds per query of the product and of route 2 on ``index`` (A B A B ...)."""
     from bench_scale import open_warm
@@ -117,6 +147,7 @@ def main() -> None:
     ap.add_argument("--index", type=Path, default=None, help="also time route 2 end to end on this index")
     ap.add_argument("--queries", type=int, default=3, help="end to end: queries per timed run")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--tag", default="", help="a section of its own for this run (e.g. another machine's), beside the earlier one")
     args = ap.parse_args()
 
     dc = demo_corpus(n_train=args.images, n_queries=1, seed=0)
@@ -137,6 +168,20 @@ def main() -> None:
     pooled16, weight16, bias16 = c.pooled.bfloat16(), weight.bfloat16(), bias.bfloat16()
     compiled = torch.compile(output_pass, dynamic=False)
 
+    def conv_split(parts: int):
+        wide, weight3, bias3 = route3_operands(c.pooled, s, weight, bias, parts)
+
+        def run():
+            previous = torch.backends.mkldnn.conv.fp32_precision
+            torch.backends.mkldnn.conv.fp32_precision = "bf16"
+            try:
+                return torch.cat([F.conv2d(wide[lo:hi], weight3, bias3).sub_(inv * c.norms[lo:hi]).clamp_(FLOOR, CEIL)
+                                  .exp_().sum((2, 3)) for lo, hi in spans])
+            finally:
+                torch.backends.mkldnn.conv.fp32_precision = previous
+
+        return run
+
     def conv_only():
         for lo, hi in spans:
             F.conv2d(c.pooled[lo:hi], weight, bias)
@@ -156,7 +201,9 @@ def main() -> None:
     compile_s = time.perf_counter() - t0
     stages = {"convolution (fp32, oneDNN)": conv_only, "+ norms, clamp, exp, sum, count (the product, no topk)": product(None),
               "+ topk 100 selection (the product)": product(100), "route 1: bfloat16 convolution, then the same passes": conv_bf16,
-              "route 2: fp32 convolution + compiled output pass": fused}
+              "route 2: fp32 convolution + compiled output pass": fused,
+              "route 3: bfloat16 hi/lo convolution (oneDNN bf16 fpmath), then the same passes": conv_split(2),
+              "route 3 with three bfloat16 parts": conv_split(3)}
     best = {name: float("inf") for name in stages}
     outs = {}
     for _ in range(args.repeats):
@@ -172,7 +219,7 @@ def main() -> None:
         dev = "" if out is None else f"{float((out.double() - ref).abs().max() / ref.abs().max()):.1e}"
         rows.append((name, args.images / best[name], best[name] / args.images * 1e3, base / best[name], dev))
         print(rows[-1], flush=True)
-    lines = ["## Routes past the conv path (tools/bench_conv_routes.py)", "",
+    lines = [f"## Routes past the conv path{', ' + args.tag if args.tag else ''} (tools/bench_conv_routes.py)", "",
              f"`python tools/bench_conv_routes.py --images {args.images} --repeats {args.repeats}` on {machine()}; {simd()}.",
              f"One query, t = {args.t}, p = 7, {args.images} real 32x32 crops, the interior class ({r} query rows x "
              f"{g * g} positions per image), {step} images per convolution; fastest of {args.repeats} interleaved runs. "
@@ -189,7 +236,7 @@ def main() -> None:
     body = "\n".join(lines) + "\n"
     print(body)
     if not args.no_write:
-        update_section("conv_routes", body)
+        update_section("conv_routes" + ("_" + args.tag.replace(" ", "_") if args.tag else ""), body)
 
 
 if __name__ == "__main__":
