@@ -283,7 +283,11 @@ def test_queries_searched_in_blocks_score_as_one_at_a_time(crops, monkeypatch):
     for q in range(len(five)):
         alone = att.attribute(five[q : q + 1], [100, 300], **kw)
         np.testing.assert_allclose(together.scores[:, q], alone.scores[:, 0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(together.outside_mass[:, q], alone.outside_mass[:, 0], rtol=1e-5, atol=1e-7)
+        # the outside share is a sum of a few sampled exp(logit) terms and of retrieved search distances, each
+        # float32 and rounded differently with the block's shape: 2.7e-4 relative measured on an Intel Xeon
+        # (AMX), where MKL / oneDNN block the batched products otherwise than on the AMD EPYC (same bits
+        # there); queries mixed up within a block would differ by far more (the five shares differ by 20% or more)
+        np.testing.assert_allclose(together.outside_mass[:, q], alone.outside_mass[:, 0], rtol=1e-3, atol=1e-7)
         for t in (100, 300):
             top = alone.top(0, 1, timestep=t)[0][0]
             assert together.top(q, 1, timestep=t)[0][0] == top
