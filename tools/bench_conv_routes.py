@@ -220,7 +220,8 @@ def main() -> None:
         rows.append((name, args.images / best[name], best[name] / args.images * 1e3, base / best[name], dev))
         print(rows[-1], flush=True)
     lines = [f"## Routes past the conv path{', ' + args.tag if args.tag else ''} (tools/bench_conv_routes.py)", "",
-             f"`python tools/bench_conv_routes.py --images {args.images} --repeats {args.repeats}` on {machine()}; {simd()}.",
+             f"`python tools/bench_conv_routes.py --images {args.images} --repeats {args.repeats}"
+             f"{f' --tag {args.tag!r}' if args.tag else ''}` on {machine()}; {simd()}.",
              f"One query, t = {args.t}, p = 7, {args.images} real 32x32 crops, the interior class ({r} query rows x "
              f"{g * g} positions per image), {step} images per convolution; fastest of {args.repeats} interleaved runs. "
              f"Compile time of route 2's first call: {compile_s:.1f} s.", "",
