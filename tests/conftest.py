@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
 import torch
+
+# the conv layouts chosen at run time are kept on disk (scoring/conv_layout.py): a fresh folder per session,
+# so that the tests neither read nor write the user's cache (set before any worker process starts)
+os.environ.setdefault("NDA_ANN_CACHE_DIR", tempfile.mkdtemp(prefix="nda-ann-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

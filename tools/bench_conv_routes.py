@@ -7,8 +7,12 @@ On real 32x32 crops (the demo corpus), one noised query, p = 7, t = 100, the int
 thirds of the positions, most of the work), each stage timed alone over ``--images`` candidates in the
 groups the product uses (``masses.CONV_CACHE_BYTES`` of output per convolution):
 
-- ``convolution``: oneDNN's fp32 direct convolution of the candidates by the query patches;
-- ``+ norms, clamp, exp, sum, count``: what ``masses._interior_conv`` does on each group without topk;
+- ``convolution``: the fp32 product of the candidates by the query patches in each of the two layouts
+  ``scoring/conv_layout.py`` chooses between at run time: oneDNN's direct convolution, and the group's
+  patches cut into rows times the filters in one MKL sgemm (the cut included), with its GFLOP/s against
+  this process's fp32 GEMM rate (4096^3);
+- ``+ norms, clamp, exp, sum, count``: what ``masses._interior_conv`` does on each group without topk, in
+  each layout (forced through NDA_ANN_CONV_LAYOUT);
 - ``+ topk selection``: the same with topk 100 (the rows it must select, gathered and partitioned);
 - route 1, ``bfloat16 convolution``: the same convolution in bfloat16 (the stored pixels are exact in
   bfloat16; the query patches are not, and oneDNN writes the output in bfloat16, so its logits are off by
@@ -25,15 +29,16 @@ groups the product uses (``masses.CONV_CACHE_BYTES`` of output per convolution):
   A second row splits the filters in three bfloat16 parts (about 2^-25, fp32's own rounding).
 
 Each row runs ``--repeats`` times interleaved; the table keeps the fastest. Deviations are of the
-(n, R) full sums, as a share of the largest, against the product's own pass.
+(n, R) full sums, as a share of the largest, against the product's own pass (direct layout).
 
-``--index INDEX``: also route 2 end to end, swapped into ``masses._interior_conv`` for whole queries
-(the crops queries of tools/scale_corpora.py, defaults, topk 100), A B A B in one process; the rows
-topk must select are recomputed from the kept convolution output.
+``--index INDEX``: also end to end for whole queries (the crops queries of tools/scale_corpora.py,
+defaults, topk 100), A B C A B C in one process: the product in each layout, and route 2 swapped into
+``masses._interior_conv`` (the rows topk must select are recomputed from the kept convolution output).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,11 +53,13 @@ from bench_md import machine, simd, update_section  # noqa: E402
 from nda_ann import demo_corpus  # noqa: E402
 from nda_ann.corpus.store import uint8_to_float  # noqa: E402
 from nda_ann.scoring import masses  # noqa: E402
+from nda_ann.scoring.conv_layout import direct_product, layout_for, unfold_product  # noqa: E402
 from nda_ann.scoring.masses import CEIL, CONV_CACHE_BYTES, TOPK_TAU, max_logits  # noqa: E402
 from nda_ann.scoring.operands import CandidateOperand, QueryOperand  # noqa: E402
 from nda_ann.scoring.patches import extract_patches, layout_groups  # noqa: E402
 from nda_ann.scoring.scales import Scale  # noqa: E402
 from nda_ann.scoring.schedule import NoiseSchedule, noise_images  # noqa: E402
+from bench_rescore import gemm_rate  # noqa: E402
 
 FLOOR = masses.FLOOR[torch.float32]
 
@@ -113,29 +120,51 @@ def route3_operands(images: torch.Tensor, s: float, weight: torch.Tensor, bias: 
             bias - s * weight.sum((1, 2, 3)))
 
 
+class layout_forced:
+    """Context: NDA_ANN_CONV_LAYOUT set to ``layout`` (None: left as it is) for the calls inside."""
+
+    def __init__(self, layout: str | None):
+        self.layout, self.before = layout, None
+
+    def __enter__(self):
+        self.before = os.environ.get("NDA_ANN_CONV_LAYOUT")
+        if self.layout is not None:
+            os.environ["NDA_ANN_CONV_LAYOUT"] = self.layout
+
+    def __exit__(self, *exc):
+        if self.before is None:
+            os.environ.pop("NDA_ANN_CONV_LAYOUT", None)
+        else:
+            os.environ["NDA_ANN_CONV_LAYOUT"] = self.before
+
+
 def end_to_end(index: Path, compiled, queries_n: int, repeats: int) -> dict[str, float]:
-    """Fastest mean seconds per query of the product and of route 2 on ``index`` (A B A B ...)."""
+    """Fastest mean seconds per query of the product in each layout and of route 2 on ``index`` (A B C A B C ...)."""
     from bench_scale import open_warm
     from scale_corpora import queries
 
     att = open_warm(index)
     images, _, _ = queries(None, "crops")
-    paths = {"product (conv path)": masses._interior_conv, "route 2 (compiled output pass)": route2_interior(compiled)}
+    product = masses._interior_conv
+    paths = {"product, direct layout": (product, "direct"), "product, unfold layout": (product, "unfold"),
+             "route 2 (compiled output pass, direct layout)": (route2_interior(compiled), "direct")}
     best = {name: float("inf") for name in paths}
     try:
-        for name, fn in paths.items():  # warm-up (and route 2's compile)
+        for name, (fn, layout) in paths.items():  # warm-up (and route 2's compile)
             masses._interior_conv = fn
-            att.attribute(images[:1], 100, topk=100)
+            with layout_forced(layout):
+                att.attribute(images[:1], 100, topk=100)
         for _ in range(repeats):
-            for name, fn in paths.items():
+            for name, (fn, layout) in paths.items():
                 masses._interior_conv = fn
-                t0 = time.perf_counter()
-                for q in range(1, 1 + queries_n):
-                    att.attribute(images[q : q + 1], 100, topk=100)
-                best[name] = min(best[name], (time.perf_counter() - t0) / queries_n)
+                with layout_forced(layout):
+                    t0 = time.perf_counter()
+                    for q in range(1, 1 + queries_n):
+                        att.attribute(images[q : q + 1], 100, topk=100)
+                    best[name] = min(best[name], (time.perf_counter() - t0) / queries_n)
                 print(name, best[name], flush=True)
     finally:
-        masses._interior_conv = paths["product (conv path)"]
+        masses._interior_conv = product
     return best
 
 
@@ -182,16 +211,21 @@ def main() -> None:
 
         return run
 
-    def conv_only():
-        for lo, hi in spans:
-            F.conv2d(c.pooled[lo:hi], weight, bias)
+    def product_only(layout_product):
+        def run():
+            for lo, hi in spans:
+                layout_product(c.pooled[lo:hi], weight, bias, c.factor)
+        return run
 
     def conv_bf16():
         return torch.cat([F.conv2d(pooled16[lo:hi], weight16, bias16).float().sub_(inv * c.norms[lo:hi]).clamp_(FLOOR, CEIL)
                           .exp_().sum((2, 3)) for lo, hi in spans])
 
-    def product(topk):
-        return lambda: masses._interior_conv(query, cand, topk)[0].T
+    def product(topk, layout):
+        def run():
+            with layout_forced(layout):
+                return masses._interior_conv(query, cand, topk)[0].T
+        return run
 
     def fused():
         return torch.cat([compiled(F.conv2d(c.pooled[lo:hi], weight, bias), c.norms[lo:hi], inv)[0] for lo, hi in spans])
@@ -199,8 +233,14 @@ def main() -> None:
     t0 = time.perf_counter()
     fused()
     compile_s = time.perf_counter() - t0
-    stages = {"convolution (fp32, oneDNN)": conv_only, "+ norms, clamp, exp, sum, count (the product, no topk)": product(None),
-              "+ topk 100 selection (the product)": product(100), "route 1: bfloat16 convolution, then the same passes": conv_bf16,
+    base_name = "+ norms, clamp, exp, sum, count (the product, no topk), direct layout"
+    stages = {"convolution (fp32, oneDNN direct)": product_only(direct_product),
+              "convolution as unfold + one fp32 GEMM (MKL sgemm, the cut included)": product_only(unfold_product),
+              base_name: product(None, "direct"),
+              "+ norms, clamp, exp, sum, count (the product, no topk), unfold layout": product(None, "unfold"),
+              "+ topk 100 selection (the product), direct layout": product(100, "direct"),
+              "+ topk 100 selection (the product), unfold layout": product(100, "unfold"),
+              "route 1: bfloat16 convolution, then the same passes": conv_bf16,
               "route 2: fp32 convolution + compiled output pass": fused,
               "route 3: bfloat16 hi/lo convolution (oneDNN bf16 fpmath), then the same passes": conv_split(2),
               "route 3 with three bfloat16 parts": conv_split(3)}
@@ -211,24 +251,31 @@ def main() -> None:
             t0 = time.perf_counter()
             outs[name] = fn()
             best[name] = min(best[name], time.perf_counter() - t0)
-    ref = outs["+ norms, clamp, exp, sum, count (the product, no topk)"].double()
-    base = best["+ norms, clamp, exp, sum, count (the product, no topk)"]
+    ref = outs[base_name].double()
+    base = best[base_name]
+    peak = gemm_rate(torch.float32, 4096)
+    flops = 2.0 * args.images * g * g * r * c.pooled.shape[1] * weight.shape[-1] ** 2  # the product alone
+    with layout_forced(None):
+        auto = layout_for(c.pooled[: spans[0][1]], weight, c.factor)
     rows = []
     for name in stages:
         out = outs[name]
         dev = "" if out is None else f"{float((out.double() - ref).abs().max() / ref.abs().max()):.1e}"
-        rows.append((name, args.images / best[name], best[name] / args.images * 1e3, base / best[name], dev))
+        gflops = f"{flops / best[name] / 1e9:.0f} ({flops / best[name] / peak:.2f})" if name.startswith("convolution") else ""
+        rows.append((name, args.images / best[name], best[name] / args.images * 1e3, base / best[name], gflops, dev))
         print(rows[-1], flush=True)
     lines = [f"## Routes past the conv path{', ' + args.tag if args.tag else ''} (tools/bench_conv_routes.py)", "",
              f"`python tools/bench_conv_routes.py --images {args.images} --repeats {args.repeats}"
              f"{f' --tag {args.tag!r}' if args.tag else ''}` on {machine()}; {simd()}.",
              f"One query, t = {args.t}, p = 7, {args.images} real 32x32 crops, the interior class ({r} query rows x "
              f"{g * g} positions per image), {step} images per convolution; fastest of {args.repeats} interleaved runs. "
-             f"Compile time of route 2's first call: {compile_s:.1f} s.", "",
-             "| stage | images / s per query | ms per image | speed against the product without topk | max deviation of the full sums |",
-             "|---|---|---|---|---|"]
-    for name, rate, ms, speed, dev in rows:
-        lines.append(f"| {name} | {rate:,.0f} | {ms:.3f} | {speed:.2f}x | {dev} |")
+             f"Compile time of route 2's first call: {compile_s:.1f} s. This process's fp32 GEMM rate (4096^3): "
+             f"{peak / 1e9:.0f} GFLOP/s; the layout `auto` chose here: **{auto}**.", "",
+             "| stage | images / s per query | ms per image | speed against the product without topk, direct | "
+             "product GFLOP/s (share of the GEMM rate) | max deviation of the full sums |",
+             "|---|---|---|---|---|---|"]
+    for name, rate, ms, speed, gflops, dev in rows:
+        lines.append(f"| {name} | {rate:,.0f} | {ms:.3f} | {speed:.2f}x | {gflops} | {dev} |")
     if args.index is not None:
         e2e = end_to_end(args.index, torch.compile(output_pass), args.queries, 2)  # shapes vary: dynamic after the first recompile
         lines += ["", f"End to end on `{args.index.name}` (`--index`; crops queries 1-{args.queries}, defaults, topk 100, "

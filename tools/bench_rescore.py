@@ -9,7 +9,9 @@ Measures, side by side in one process on real 32x32 photo crops (p = 7, and the 
 - ``shifted``: scoring/masses.py, the product that yields shifted logits, one clamp + exp + sum pass,
   topk selection only on rows that can differ from their full sum; on each path of scoring/operands.py:
   ``dense`` (the interior patches cut by ``unfold``, one GEMM), the ``bfloat16 screen``, and ``conv`` (the
-  interior class as one convolution of the candidate images by the query patches, the CPU default);
+  interior class as one convolution of the candidate images by the query patches, the CPU default), the
+  latter in each of its two layouts (scoring/conv_layout.py, forced through NDA_ANN_CONV_LAYOUT: oneDNN's
+  direct convolution, or the group's patches cut into rows and one sgemm), and as ``auto`` picks (the default);
 and this machine's GEMM rate (fp32, plus bf16 and int8 for reference), so that each path's useful
 GEMM work (2 x sum over layout classes of |class|^2 x D per image) reads as a share of the peak.
 Each path runs ``--repeats`` times interleaved (A B A B ...); the table keeps the fastest of each.
@@ -17,6 +19,7 @@ Each path runs ``--repeats`` times interleaved (A B A B ...); the table keeps th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_md import machine, simd, update_section  # noqa: E402
 from nda_ann import demo_corpus  # noqa: E402
 from nda_ann.corpus.store import uint8_to_float  # noqa: E402
+from nda_ann.scoring.conv_layout import layouts_chosen  # noqa: E402
 from nda_ann.scoring.dense import chunk_size, log_masses  # noqa: E402
 from nda_ann.scoring.masses import MassScan, max_logits  # noqa: E402
 from nda_ann.scoring.patches import extract_patches, layout_groups  # noqa: E402
@@ -66,8 +70,18 @@ def old_path(qp, images, sc, groups, s, inv, topk, step):
     return torch.exp(torch.cat(aggs, -1) - log_z[:, None]).sum(0)
 
 
-def new_path(qp, images, sc, groups, s, inv, topk, step, path="dense"):
-    """scoring/masses.py: shifted masses per chunk on kernel ``path`` (dense, screened or conv)."""
+def new_path(qp, images, sc, groups, s, inv, topk, step, path="dense", layout=None):
+    """scoring/masses.py: shifted masses per chunk on kernel ``path`` (dense, screened or conv; the conv
+    interior ``layout`` direct or unfold forced, None: as chosen at run time)."""
+    if layout is not None:
+        os.environ["NDA_ANN_CONV_LAYOUT"] = layout
+    try:
+        return _new_path(qp, images, sc, groups, s, inv, topk, step, path)
+    finally:
+        os.environ.pop("NDA_ANN_CONV_LAYOUT", None)
+
+
+def _new_path(qp, images, sc, groups, s, inv, topk, step, path):
     scan, z, aggs = None, 0.0, []
     for lo in range(0, len(images), step):
         imgs = images[lo : lo + step] * s
@@ -94,7 +108,9 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=100)
     ap.add_argument("--budget", default="512M")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--tag", default="", help="a section of its own for this run (e.g. another machine's), beside the earlier one")
     args = ap.parse_args()
+    os.environ.pop("NDA_ANN_CONV_LAYOUT", None)  # the rows force each layout; auto is what the CPU default picks
     from nda_ann.units import parse_bytes
 
     dc = demo_corpus(n_train=args.images, n_queries=1, seed=0)
@@ -113,7 +129,9 @@ def main() -> None:
         for topk in (100, None):
             paths = {"log_masses (previous)": old_path, "shifted, dense (unfold + GEMM)": new_path,
                      "shifted, bfloat16 screen": lambda *a: new_path(*a, path="screened"),
-                     "shifted, conv (CPU default)": lambda *a: new_path(*a, path="conv")}
+                     "shifted, conv, direct layout": lambda *a: new_path(*a, path="conv", layout="direct"),
+                     "shifted, conv, unfold layout": lambda *a: new_path(*a, path="conv", layout="unfold"),
+                     "shifted, conv (CPU default: the layout auto picks)": lambda *a: new_path(*a, path="conv")}
             best = {name: float("inf") for name in paths}
             outs = {}
             for _ in range(args.repeats):
@@ -127,18 +145,21 @@ def main() -> None:
                 err = float((outs[name].double() - ref).abs().max() / ref.abs().max())
                 rows.append((scale, topk, name, rate, rate * flops / peaks["fp32"], err, best["log_masses (previous)"] / best[name]))
                 print(rows[-1], flush=True)
+    auto = ", ".join(layouts_chosen()) or "-"
     if args.no_write:
         return
-    lines = ["## Re-scoring throughput (tools/bench_rescore.py)", "",
-             f"`python tools/bench_rescore.py --images {args.images} --repeats {args.repeats}` on {machine()}; {simd()}.",
-             f"One query, t = {args.t}, {args.images} real 32x32 crops re-scored per call (float32), fastest of {args.repeats} interleaved runs.",
+    lines = [f"## Re-scoring throughput{', ' + args.tag if args.tag else ''} (tools/bench_rescore.py)", "",
+             f"`python tools/bench_rescore.py --images {args.images} --repeats {args.repeats}"
+             f"{f' --tag {args.tag!r}' if args.tag else ''}` on {machine()}; {simd()}.",
+             f"One query, t = {args.t}, {args.images} real 32x32 crops re-scored per call (float32), fastest of {args.repeats} interleaved runs. "
+             f"The CPU default is the conv path in the layout `auto` picks here (timed per shape): **{auto}**.",
              f"GEMM rate of this process (2048^3): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, "
              f"int8 {peaks['int8'] / 1e9:.0f} GOP/s. 'Share of fp32 GEMM' = useful GEMM flops per second / the fp32 rate.", "",
              "| scale | topk | kernel | images / s per query | share of fp32 GEMM | max deviation from previous (share of largest score) | speed-up |",
              "|---|---|---|---|---|---|---|"]
     for scale, topk, name, rate, share, err, speed in rows:
         lines.append(f"| {scale} | {topk or '-'} | {name} | {rate:,.0f} | {share:.2f} | {err:.1e} | {speed:.2f}x |")
-    update_section("bench_rescore", "\n".join(lines))
+    update_section("bench_rescore" + ("_" + args.tag.replace(" ", "_") if args.tag else ""), "\n".join(lines))
 
 
 if __name__ == "__main__":

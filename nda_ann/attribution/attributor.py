@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..corpus.inputs import CorpusView, check_compatible
 from ..corpus.thumbnails import corpus_thumbnails
 from ..device import describe_device, resolve_device, resolve_dtype
+from ..scoring.conv_layout import layouts_chosen
 from ..scoring.operands import kernel_path
 from ..scoring.exact import scale_weights
 from ..scoring.patches import layout_groups
@@ -231,6 +232,8 @@ class Attributor:
                 for q in block:
                     keep_maps(result, q, parts[q], settings.maps, self.size)
         bar.close()
+        if record["kernel"] == "conv":
+            record["conv_layout"] = layouts_chosen()  # chosen at run time (conv_layout.py): say which ran
         return result
 
     def _attribute_one(self, q: int, ti: int, noised: NoisedBlock, b: int, hits: Hits | None, m: int, weights: list[float],

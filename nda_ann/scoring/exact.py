@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .dense import chunk_size
 from .masses import MassScan, max_logits
+from .conv_layout import layouts_chosen
 from .operands import describe_kernel, kernel_path
 from ..device import describe_device, resolve_device, resolve_dtype
 from ..corpus.inputs import CorpusView, as_float_images, check_compatible
@@ -175,6 +176,8 @@ def exact_attribution(
                 if keep_mass:
                     masses[ti] += (w / noise_draws) * mass.double().cpu().numpy()
     bar.close()
+    if kernel_path(dev, dtype) == "conv":
+        log.info("exact scorer: conv interior layout %s (conv_layout.py)", ", ".join(layouts_chosen()) or "none needed")
 
     result = ExactResult(scores, ts, scale_list, weights, describe_device(dev), mass=masses)
     if maps_for:

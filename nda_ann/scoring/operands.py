@@ -6,11 +6,13 @@ logit -||q - c||^2 / (2 sigma^2) - shift. The interior class (patches wholly ins
 the positions and 98% of the products at p = 7 on 32 x 32) is cut by ``unfold``; the border classes
 are gathered and stacked in batches of equal size (one batched GEMM per batch).
 
-Path ``conv`` (the CPU default, float32): the interior product is one direct convolution of the
-candidate images (block sums for f > 1, channels-last) by the query rows as filters, the bias carrying
-the query constant: oneDNN's convolution never cuts the candidates' patches (``unfold`` and its copy cost
-as much as the product; tools/bench_rescore.py), and it runs a few images at a time so that the passes
-over its output stay in cache (masses.CONV_CACHE_BYTES). The conv path never cuts the candidates' interior
+Path ``conv`` (the CPU default, float32): the interior product is one convolution of the candidate
+images (block sums for f > 1, channels-last) by the query rows as filters, the bias carrying the query
+constant, run a few images at a time so that the passes over its output stay in cache
+(masses.CONV_CACHE_BYTES). conv_layout.py takes it either as oneDNN's direct convolution, which never
+cuts the candidates' patches (on an AMD EPYC it beat ``unfold`` with its copy; tools/bench_rescore.py),
+or as the group's cut patches times the filters in one GEMM (1.5x faster on an Intel Xeon with AMX),
+whichever it measures faster on this machine. The conv path never cuts the candidates' interior
 rows (raised rows are convolved too); ``CandidateOperand.interior_rows`` cuts them on demand for a caller
 that wants them.
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .conv_layout import interior_product
 from .patches import LayoutGroup, patch_view
 from .scales import Scale
 
@@ -71,7 +74,8 @@ def describe_kernel(device: torch.device, dtype: torch.dtype) -> str:
     """One phrase for logs and summaries, e.g. 'conv (interior class as one float32 convolution ...)'."""
     path = kernel_path(device, dtype)
     if path == "conv":
-        return "conv (interior class as one float32 convolution of the candidates by the query patches)"
+        return ("conv (interior class as one float32 convolution of the candidates by the query patches, direct or "
+                "unfolded as measured faster here)")
     if path == "screened":
         return "screened (bfloat16 screen of the interior class, exact float32 products where it matters)"
     return f"dense ({str(dtype).removeprefix('torch.')} products)"
@@ -198,9 +202,10 @@ class ConvInterior:
 
     def shifted(self, filters: tuple[torch.Tensor, torch.Tensor], inv: float, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """(n', r, G_i, G_i) shifted logits of images lo:hi for the query rows behind ``filters``
-        (``filters_of``): the convolution, less the candidates' norm term; channels-last memory."""
+        (``filters_of``): the product (conv_layout.py: direct convolution or unfolded GEMM, whichever is
+        faster here), less the candidates' norm term; channels-last memory."""
         weight, bias = filters
-        return F.conv2d(self.pooled[lo:hi], weight, bias, dilation=self.factor).sub_(inv * self.norms[lo:hi])
+        return interior_product(self.pooled[lo:hi], weight, bias, self.factor).sub_(inv * self.norms[lo:hi])
 
 
 @dataclass

@@ -116,6 +116,7 @@ def test_cli_max_outside_reports_the_rounds_in_summary_json(tmp_path):
     assert summary["settings"]["max_outside"] == 0.2 and summary["settings"]["time_budget"] == 60
     assert summary["settings"]["outside_topup"] == 32
     assert summary["settings"]["kernel"] == kernel_path(torch.device("cpu"), torch.float32)  # the path that ran
+    assert summary["settings"]["conv_layout"] and set(summary["settings"]["conv_layout"]) <= {"direct", "unfold"}
     assert 0 < rec["candidates"] <= 140 and rec["target_met"] == (rec["outside"] <= 0.2)
     assert rec["stopped_by"] in ("target", "pool")
 

@@ -62,7 +62,9 @@ def test_exact_scores_accepts_paths_folders_pil_uint8_and_a_store_path(case):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
     both = exact_scores(str(store.path), [str(root / "q")], **EXACT)  # a folder: big.png, same.png in order
     assert both.shape == (1, 2, 8)
-    np.testing.assert_allclose(both[:, 1:], want, rtol=1e-6, atol=1e-9)
+    # batched with another query the float32 product has other shapes (and may take the other conv layout,
+    # scoring/conv_layout.py): equal to float32 summation order, far inside the 1e-4 the scores hold
+    np.testing.assert_allclose(both[:, 1:], want, rtol=2e-5, atol=1e-9)
     assert int(np.argmax(both[0, 1])) == 3 and int(np.argmax(both[0, 0])) == 5
 
 

@@ -27,11 +27,14 @@ def naive(corpus, queries, t, scales, weights, topk):
     return out
 
 
-@pytest.mark.parametrize("precision,path", [("float32", "conv"), ("float32", "screened"), ("float32", "dense"), ("float64", "")])
+@pytest.mark.parametrize("precision,path", [("float32", "conv/direct"), ("float32", "conv/unfold"), ("float32", "screened"),
+                                            ("float32", "dense"), ("float64", "")])
 @pytest.mark.parametrize("scales,topk", [([(3, 1)], None), ([(3, 1)], 2), ([(4, 2)], None), ([(4, 2)], 3),
                                          ([(4, 1), (2, 2)], None), ([(5, 1), (4, 2)], 4)])
 def test_every_path_agrees_with_the_float64_reference_within_1e_4_of_the_largest_score(rng, monkeypatch, precision, path, scales, topk):
-    monkeypatch.setenv("NDA_ANN_KERNEL", path)  # every float32 path on every scale; float64 is always dense
+    kernel, _, layout = path.partition("/")  # the conv path in both interior layouts (conv_layout.py)
+    monkeypatch.setenv("NDA_ANN_KERNEL", kernel)  # every float32 path on every scale; float64 is always dense
+    monkeypatch.setenv("NDA_ANN_CONV_LAYOUT", layout or "auto")
     corpus = smooth_images(rng, 5, size=7)
     queries = np.concatenate([smooth_images(rng, 1, size=7), corpus[1:2] * 0.95])
     weights = [1.0] if len(scales) == 1 else [0.5, 0.5]
@@ -111,10 +114,12 @@ def test_the_kernel_path_follows_the_device_dtype_and_override(monkeypatch):
         MassScan(torch.zeros(1, 4, 3), layout_groups(2, Scale(1)), 1.0, torch.zeros(1, 4), None, Scale(1), "fused")
 
 
-def test_the_conv_path_raises_rows_as_the_dense_path_does(rng):
-    """A chunk whose maximum lies far above the shift makes MassScan raise those rows (by a convolution of
+@pytest.mark.parametrize("layout", ["direct", "unfold"])
+def test_the_conv_path_raises_rows_as_the_dense_path_does(rng, monkeypatch, layout):
+    """In either interior layout, a chunk whose maximum lies far above the shift makes MassScan raise those rows (by a convolution of
     their filters on the conv path, which never cuts the candidates' interior patches unless asked): the
     raised shifts and the masses equal the dense path's."""
+    monkeypatch.setenv("NDA_ANN_CONV_LAYOUT", layout)
     qp, images, groups, inv = _setup(rng, dtype=torch.float32)
     start = max_logits(qp, images, Scale(5), groups, inv) - 200.0
     got = MassScan(qp, groups, inv, start.clone(), 4, Scale(5), "conv")
@@ -129,10 +134,12 @@ def test_the_conv_path_raises_rows_as_the_dense_path_does(rng):
     assert torch.all((f1 - f2).abs() <= 1e-4 * z) and torch.all((a1 - a2).abs() <= 1e-4 * z)
 
 
+@pytest.mark.parametrize("layout", ["direct", "unfold"])
 @pytest.mark.parametrize("topk", [None, 4])
-def test_the_conv_path_gives_the_same_masses_in_groups_of_any_size(rng, monkeypatch, topk):
-    """The conv path convolves a few images at a time (CONV_CACHE_BYTES); one image per group and all in
+def test_the_conv_path_gives_the_same_masses_in_groups_of_any_size(rng, monkeypatch, topk, layout):
+    """In either interior layout, the conv path convolves a few images at a time (CONV_CACHE_BYTES); one image per group and all in
     one group give the dense path's masses."""
+    monkeypatch.setenv("NDA_ANN_CONV_LAYOUT", layout)
     qp, images, groups, inv = _setup(rng, dtype=torch.float32)
     start = max_logits(qp, images, Scale(5), groups, inv)
     want = MassScan(qp, groups, inv, start.clone(), topk, Scale(5), "dense").add(images)
