@@ -73,7 +73,7 @@ def test_the_first_choice_kept_on_disk_is_every_process_s_choice(monkeypatch, tm
     monkeypatch.setattr(conv_layout, "_CHOSEN", {})
     pooled = torch.rand((3, 3, 12, 12)).contiguous(memory_format=torch.channels_last)
     weight = torch.randn((9, 3, 5, 5))
-    key = (3, 3, 12, 12, 9 .bit_length(), 5, 1, torch.float32)
+    key = (3, 3, 12, 12, (9).bit_length(), 5, 1, torch.float32)
     path = conv_layout._choice_file(key)
     path.parent.mkdir(parents=True)
     path.write_text("unfold\n")
