@@ -21,6 +21,7 @@ algorithm). NDA_ANN_CONV_LAYOUT=direct|unfold|auto forces one. ``layouts_chosen(
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -38,6 +39,7 @@ _CHOSEN: dict[tuple, str] = {}  # shape key -> layout, filled by ``layout_for``
 _CALIBRATION_REPEATS = 3
 _CALIBRATION_IMAGES = 4  # at most this many images and query rows in a calibration (a few ms a call)
 _CALIBRATION_ROWS = 4096
+_WARNED: list[bool] = []  # the unwritable-cache warning, given once per process
 
 
 def direct_product(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, factor: int) -> torch.Tensor:
@@ -94,9 +96,9 @@ def calibrate(shape: tuple[int, int, int, int], filters: tuple[int, int, int], f
 
 
 def layout_for(pooled: torch.Tensor, weight: torch.Tensor, factor: int) -> str:
-    """'direct' or 'unfold' for this product: the forced layout, 'direct' on CUDA, else the faster one as
-    measured once per process on operands of this shape (at most _CALIBRATION_IMAGES images and
-    _CALIBRATION_ROWS rows; the rows keyed by octave)."""
+    """'direct' or 'unfold' for this product: the forced layout, 'direct' on CUDA, else the one kept on
+    disk for this shape, or else the faster as timed now on operands of this shape (at most
+    _CALIBRATION_IMAGES images and _CALIBRATION_ROWS rows; the rows keyed by octave) and kept."""
     forced = _forced()
     if forced is not None:
         return forced
@@ -124,6 +126,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nda-ann"
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -168,8 +171,6 @@ def _keep_choice(path: Path, chosen: str) -> str:
                         "scores differ by float32 rounding; set NDA_ANN_CACHE_DIR to a writable folder", path.parent, err)
     return chosen
 
-
-_WARNED: list[bool] = []
 
 
 def interior_product(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, factor: int) -> torch.Tensor:
