@@ -38,7 +38,6 @@ defaults, topk 100), A B C A B C in one process: the product in each layout, and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ from bench_md import machine, simd, update_section  # noqa: E402
 from nda_ann import demo_corpus  # noqa: E402
 from nda_ann.corpus.store import uint8_to_float  # noqa: E402
 from nda_ann.scoring import masses  # noqa: E402
-from nda_ann.scoring.conv_layout import direct_product, layout_for, unfold_product  # noqa: E402
+from nda_ann.scoring.conv_layout import direct_product, forced_layout, layout_for, unfold_product  # noqa: E402
 from nda_ann.scoring.masses import CEIL, CONV_CACHE_BYTES, TOPK_TAU, max_logits  # noqa: E402
 from nda_ann.scoring.operands import CandidateOperand, QueryOperand  # noqa: E402
 from nda_ann.scoring.patches import extract_patches, layout_groups  # noqa: E402
@@ -120,24 +119,6 @@ def route3_operands(images: torch.Tensor, s: float, weight: torch.Tensor, bias: 
             bias - s * weight.sum((1, 2, 3)))
 
 
-class layout_forced:
-    """Context: NDA_ANN_CONV_LAYOUT set to ``layout`` (None: left as it is) for the calls inside."""
-
-    def __init__(self, layout: str | None):
-        self.layout, self.before = layout, None
-
-    def __enter__(self):
-        self.before = os.environ.get("NDA_ANN_CONV_LAYOUT")
-        if self.layout is not None:
-            os.environ["NDA_ANN_CONV_LAYOUT"] = self.layout
-
-    def __exit__(self, *exc):
-        if self.before is None:
-            os.environ.pop("NDA_ANN_CONV_LAYOUT", None)
-        else:
-            os.environ["NDA_ANN_CONV_LAYOUT"] = self.before
-
-
 def end_to_end(index: Path, compiled, queries_n: int, repeats: int) -> dict[str, float]:
     """Fastest mean seconds per query of the product in each layout and of route 2 on ``index`` (A B C A B C ...)."""
     from bench_scale import open_warm
@@ -152,12 +133,12 @@ def end_to_end(index: Path, compiled, queries_n: int, repeats: int) -> dict[str,
     try:
         for name, (fn, layout) in paths.items():  # warm-up (and route 2's compile)
             masses._interior_conv = fn
-            with layout_forced(layout):
+            with forced_layout(layout):
                 att.attribute(images[:1], 100, topk=100)
         for _ in range(repeats):
             for name, (fn, layout) in paths.items():
                 masses._interior_conv = fn
-                with layout_forced(layout):
+                with forced_layout(layout):
                     t0 = time.perf_counter()
                     for q in range(1, 1 + queries_n):
                         att.attribute(images[q : q + 1], 100, topk=100)
@@ -223,7 +204,7 @@ def main() -> None:
 
     def product(topk, layout):
         def run():
-            with layout_forced(layout):
+            with forced_layout(layout):
                 return masses._interior_conv(query, cand, topk)[0].T
         return run
 
@@ -255,7 +236,7 @@ def main() -> None:
     base = best[base_name]
     peak = gemm_rate(torch.float32, 4096)
     flops = 2.0 * args.images * g * g * r * c.pooled.shape[1] * weight.shape[-1] ** 2  # the product alone
-    with layout_forced(None):
+    with forced_layout("auto"):
         auto = layout_for(c.pooled[: spans[0][1]], weight, c.factor)
     rows = []
     for name in stages:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_md import machine, simd, update_section  # noqa: E402
 from nda_ann import demo_corpus  # noqa: E402
 from nda_ann.corpus.store import uint8_to_float  # noqa: E402
-from nda_ann.scoring.conv_layout import layouts_chosen  # noqa: E402
+from nda_ann.scoring.conv_layout import forced_layout, layouts_chosen  # noqa: E402
 from nda_ann.scoring.dense import chunk_size, log_masses  # noqa: E402
 from nda_ann.scoring.masses import MassScan, max_logits  # noqa: E402
 from nda_ann.scoring.patches import extract_patches, layout_groups  # noqa: E402
@@ -73,12 +73,8 @@ def old_path(qp, images, sc, groups, s, inv, topk, step):
 def new_path(qp, images, sc, groups, s, inv, topk, step, path="dense", layout=None):
     """scoring/masses.py: shifted masses per chunk on kernel ``path`` (dense, screened or conv; the conv
     interior ``layout`` direct or unfold forced, None: as chosen at run time)."""
-    if layout is not None:
-        os.environ["NDA_ANN_CONV_LAYOUT"] = layout
-    try:
+    with forced_layout(layout):
         return _new_path(qp, images, sc, groups, s, inv, topk, step, path)
-    finally:
-        os.environ.pop("NDA_ANN_CONV_LAYOUT", None)
 
 
 def _new_path(qp, images, sc, groups, s, inv, topk, step, path):

@@ -27,7 +27,9 @@ import logging
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +179,22 @@ def interior_product(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """pooled (n, C, H', W'), weight (r, C, m, m), bias (r,) -> (n, r, G, G) channels-last, by the layout
     ``layout_for`` picks."""
     return _PRODUCTS[layout_for(pooled, weight, factor)](pooled, weight, bias, factor)
+
+
+@contextmanager
+def forced_layout(layout: str | None) -> Iterator[None]:
+    """Within the block, NDA_ANN_CONV_LAYOUT is ``layout`` ('direct', 'unfold' or 'auto'; None leaves it
+    as it is); the previous value is restored after (for benchmarks that time one layout against another)."""
+    before = os.environ.get("NDA_ANN_CONV_LAYOUT")
+    if layout is not None:
+        os.environ["NDA_ANN_CONV_LAYOUT"] = layout
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("NDA_ANN_CONV_LAYOUT", None)
+        else:
+            os.environ["NDA_ANN_CONV_LAYOUT"] = before
 
 
 def layouts_chosen() -> list[str]:

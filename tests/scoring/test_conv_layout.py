@@ -2,6 +2,8 @@
 written out as loops, and the run-time choice between them."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,16 @@ def test_an_unwritable_cache_still_chooses_and_says_so(monkeypatch, tmp_path, ca
     pooled = torch.rand((2, 3, 9, 9)).contiguous(memory_format=torch.channels_last)
     assert layout_for(pooled, torch.randn((4, 3, 3, 3)), 1) in conv_layout.LAYOUTS
     assert "NDA_ANN_CACHE_DIR" in caplog.text and str(blocker) in caplog.text
+
+
+def test_forced_layout_holds_within_its_block_and_restores_the_setting(monkeypatch):
+    pooled = torch.rand((2, 3, 8, 8)).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn((5, 3, 3, 3))
+    monkeypatch.setenv("NDA_ANN_CONV_LAYOUT", "direct")
+    with conv_layout.forced_layout("unfold"):
+        assert layout_for(pooled, weight, 1) == "unfold"
+    assert layout_for(pooled, weight, 1) == "direct"
+    monkeypatch.delenv("NDA_ANN_CONV_LAYOUT")
+    with pytest.raises(RuntimeError), conv_layout.forced_layout("unfold"):
+        raise RuntimeError  # restored on the way out of an error too
+    assert "NDA_ANN_CONV_LAYOUT" not in os.environ
