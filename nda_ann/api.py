@@ -17,7 +17,7 @@ from .results.report import write_report
 from .corpus.store import Store
 
 
-def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | str | None = None, rerank: int | None = None, outside_sample: int | None = None, outside_smoothing: float | None = None, outside_topup: int | None = None, max_outside: float | None = None, time_budget: float | None = None, allow_resize: bool = True, engine: str = "local", address: str | None = None, actors: int | None = None, timeout_s: float | None = None) -> str:
+def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exact: bool = False, timesteps: Sequence[int] = (100,), scales=None, alpha=None, topk=None, seed: int = 0, noise_draws: int = 1, schedule: str = "linear", device: str = "auto", k: int = 1024, candidates: int | None = None, nprobe=None, mode: str = "rescore", precision: str | None = None, top: int = 10, maps: int = 8, tail: bool | str | None = None, rerank: int | None = None, outside_sample: int | None = None, outside_smoothing: float | None = None, outside_topup: int | None = None, max_outside: float | None = None, time_budget: float | None = None, tail_retrieved: str = "all", allow_resize: bool = True, engine: str = "local", address: str | None = None, actors: int | None = None, timeout_s: float | None = None) -> str:
     """Attribute ``queries`` against an index (or, with ``exact``, a store); write ``out``; return the table text.
 
     ``engine="ray"`` serves the index from Ray shard actors (see ``open_attributor``); the scores are the same.
@@ -44,7 +44,7 @@ def attribute_to_folder(source: Path, queries: Sequence[Any], out: Path, *, exac
         corpus = attributor.corpus
         batch = load_query_batch(queries, corpus.shape, allow_resize=allow_resize)
         q, names = batch.images, batch.names
-        result = attributor.attribute(q, list(timesteps), k=k, candidates=candidates, nprobe=nprobe, topk=topk, alpha=alpha, seed=seed, noise_draws=noise_draws, schedule=schedule, mode=mode, precision=precision or "float32", maps=maps, names=names, progress=True, tail=tail, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, outside_topup=outside_topup, max_outside=max_outside, time_budget=time_budget)
+        result = attributor.attribute(q, list(timesteps), k=k, candidates=candidates, nprobe=nprobe, topk=topk, alpha=alpha, seed=seed, noise_draws=noise_draws, schedule=schedule, mode=mode, precision=precision or "float32", maps=maps, names=names, progress=True, tail=tail, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, outside_topup=outside_topup, tail_retrieved=tail_retrieved, max_outside=max_outside, time_budget=time_budget)
         result.settings.update({"method": f"index/{mode}", "index": str(source)})
     summary = {"source": str(source), "seconds": round(time.perf_counter() - started, 3), "resized_queries": batch.resized}
     return write_report(Path(out), result, q, corpus, summary, top=top)

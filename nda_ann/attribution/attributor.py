@@ -37,7 +37,7 @@ from ..scoring.schedule import NoiseSchedule
 from ..units import parse_bytes
 from .candidates import Hits, candidate_mass, query_thumbnail, ranked_candidates, select_candidates
 from .fast import fast_scores
-from .known import known_logits, retrieved_outside, tail_distances
+from .known import known_logits, retrieved_outside, tail_distances, tail_known
 from .maps import Contributions, keep_maps
 from .outside import sample_outside
 from .query_patches import NoisedBlock
@@ -164,6 +164,7 @@ class Attributor:
         outside_estimator: str = "images",
         outside_smoothing: float | None = None,
         outside_topup: int | None = None,
+        tail_retrieved: str = "all",
     ) -> Attribution:
         """Attribute query images (paths, PIL images, uint8 arrays or floats in [-1, 1]).
 
@@ -178,7 +179,10 @@ class Attributor:
         share of the normaliser (outside_images.py), smoothed over neighbouring query positions by a
         Gaussian of ``outside_smoothing`` positions (None: 1.0; 0 = off; outside.smoothed_share), and topped
         up in each later round by ``outside_topup`` (None: 64; 0 = off) images drawn against that round's
-        candidates (rounds.py). ``max_outside`` F and / or
+        candidates (rounds.py). ``tail_retrieved`` (indexes with approximate distances: PCA, lossy codes):
+        "all" (the default) builds the tail from all K retrieved patches, those past the TAIL_K re-measured
+        ones at their index distance corrected per position (known.tail_known); "remeasured" from the
+        TAIL_K re-measured ones only. ``max_outside`` F and / or
         ``time_budget`` S (seconds per query): re-score candidates in rounds until the estimated share
         outside them is below F or the time is spent (rounds.py; ``candidates`` then caps M);
         ``result.rounds`` says per query and timestep what was reached. Query images of another size are
@@ -196,7 +200,7 @@ class Attributor:
             noise_draws=noise_draws, schedule=schedule, mode=mode, thumbnail_share=thumbnail_share,
             outside_sample=outside_sample, precision=precision, maps=maps, tail=tail, rerank=rerank,
             max_outside=max_outside, time_budget=time_budget, outside_estimator=outside_estimator,
-            outside_smoothing=outside_smoothing, outside_topup=outside_topup)
+            outside_smoothing=outside_smoothing, outside_topup=outside_topup, tail_retrieved=tail_retrieved)
         if settings.k > self.max_k(settings.noise_draws):
             log.warning("k = %d clipped to %d (the most same-layout training patches a query patch has, within %d GiB of "
                         "work per query)", settings.k, self.max_k(settings.noise_draws), MAX_K_BYTES >> 30)
@@ -278,6 +282,8 @@ class Attributor:
         ids, vals = out.ids, out.scores
         contrib = Contributions(cand, out.per_pos, {}) if settings.maps > 0 else None
         if settings.tail and known:
+            if settings.tail_retrieved == "all":
+                known = tail_known(known, hits, tail, cand, n, s, sigma2)
             extra = tail_scores(known, out.log_z, self.scales, weights, draws, n, None if contrib is None else contrib.tail,
                                 out.log_z_out if settings.tail == "scaled" else None)
             tail_ids = np.nonzero(extra)[0]

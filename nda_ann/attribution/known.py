@@ -15,6 +15,11 @@ from .candidates import Hits
 # at 5,000 for 3-5% more time; but on the million recipe (M = 400) it moved 100k only 0.521 -> 0.524
 # and made a 1M query 1.69 -> 2.37 s (random reads across the 3 GB store), past the 2 s budget.
 TAIL_K = 32
+# ... and the tail scores (tail.py) take the other K - TAIL_K retrieved patches too, at their index
+# distances plus the position's offset (``tail_known``): measured at 100k crops on indexes/stride2.toml,
+# t = 100, --time-budget 2 (docs/benchmarks/scale.md, "tail from every retrieved patch"), subset-sum
+# Spearman 0.842 -> 0.914, the non-candidates' exact mass on images the tail scores 0.80 -> 0.99.
+TAIL_RETRIEVED = ("all", "remeasured")
 
 # (draw, scale) -> (logits (L, K') float64, image (L, K'), position (L, K'))
 Known = dict
@@ -75,6 +80,45 @@ def known_logits(corpus, cand: np.ndarray, hits: Hits, patches: dict, exact_at: 
         keep = non_candidate(img, cand, n)
         out[(d, sc)] = (np.where(keep, exact * scale_logit, -np.inf), np.where(keep, img, -1), np.where(keep, pos, -1))
     return out
+
+
+def tail_known(known: Known, hits: Hits, tail: dict | None, cand: np.ndarray, n: int, s: float, sigma2: float) -> Known:
+    """Per (draw, scale): ``known`` (known_logits of these hits and candidates ``cand``) with, where its
+    distances were re-measured (the keys of ``tail``, tail_distances), the other K - TAIL_K retrieved
+    non-candidate patches appended: logits from their index distance plus the position's offset, the
+    median over its TAIL_K re-measured patches of (exact - index) distance. PCA drops each difference's
+    residual energy, which the offset restores on average (the codes' own error stays); no appended
+    distance is taken below the position's nearest re-measured one. Shapes (L, K) per key; the
+    normaliser's known part keeps the re-measured patches only (retrieved_outside of ``known``)."""
+    if not tail:
+        return known
+    out = dict(known)
+    scale_logit = -(s * s) / (2 * sigma2)
+    for key, exact in tail.items():
+        dist, image, position = hits[key]
+        kt = exact.shape[1]
+        if key not in known or image.shape[1] <= kt:
+            continue
+        approx = np.asarray(dist, dtype=np.float64)
+        offset = _row_median(exact - approx[:, :kt])  # (L,), nan where nothing was re-measured
+        nearest = exact.min(1)  # (L,), inf where nothing was re-measured
+        rest = np.maximum(approx[:, kt:] + np.nan_to_num(offset, nan=0.0)[:, None], np.where(np.isfinite(nearest), nearest, 0.0)[:, None])
+        keep = non_candidate(image[:, kt:], cand, n) & np.isfinite(rest)
+        logits, img, pos = known[key]
+        out[key] = (np.concatenate([logits, np.where(keep, rest * scale_logit, -np.inf)], 1),
+                    np.concatenate([img, np.where(keep, image[:, kt:], -1)], 1),
+                    np.concatenate([pos, np.where(keep, position[:, kt:], -1)], 1))
+    return out
+
+
+def _row_median(x: np.ndarray) -> np.ndarray:
+    """(L,) the median of each row of x (L, K) over its finite entries; nan where there are none."""
+    valid = np.isfinite(x)
+    count = valid.sum(1)
+    srt = np.sort(np.where(valid, x, np.inf), axis=1)
+    rows = np.arange(len(x))
+    lo, hi = srt[rows, np.maximum(count - 1, 0) // 2], srt[rows, np.minimum(count // 2, x.shape[1] - 1)]  # equal for odd counts
+    return np.where(count > 0, 0.5 * (lo + hi), np.nan)
 
 
 def retrieved_outside(known: Known) -> dict:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
 from ..scoring.schedule import NoiseSchedule
+from .known import TAIL_RETRIEVED
 
 Mode = Literal["rescore", "fast"]
 
@@ -94,6 +95,7 @@ class AttributionSettings:
     precision: str = "float32"
     maps: int = 8
     tail: bool | str = "scaled"  # "scaled": retrieved weights scaled to the outside mass; True: unscaled; False: 0
+    tail_retrieved: str = "all"  # "all": every retrieved patch in the tail; "remeasured": the TAIL_K re-measured only
     rerank: int = DEFAULT_RERANK
     outside_estimator: str = "images"  # "images": each sampled image at every position; "pairs": one position each
     outside_smoothing: float = DEFAULT_OUTSIDE_SMOOTHING  # sampled outside mass smoothed over query positions (std, positions)
@@ -158,6 +160,8 @@ class AttributionSettings:
         if tail not in (None, True, False, "scaled"):
             raise ValueError(f"tail must be True, False or 'scaled', got {tail!r}")
         tail = (DEFAULT_TAIL if tail is None else tail) if mode == "rescore" else False
+        if kw.get("tail_retrieved", "all") not in TAIL_RETRIEVED:
+            raise ValueError(f"tail_retrieved must be one of {', '.join(map(repr, TAIL_RETRIEVED))}, got {kw['tail_retrieved']!r}")
         return cls(ts, tail=tail, rerank=rerank, outside_sample=int(outside_sample), **kw)
 
     @property

@@ -47,6 +47,7 @@ def _common(f):
         click.option("--max-outside", type=click.FloatRange(0, 1, min_open=True), default=None, help="Re-score candidates in rounds until the estimated share of the softmax mass outside them is below this (the default 0.3 when --candidates is not given); --candidates then caps M (default 1,000)."),
         click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds per query image (all timesteps) for those rounds: stop when the next round would not fit."),
         click.option("--tail", "tail_mode", type=click.Choice(list(TAIL_MODES)), default=None, help="How non-candidates score: scaled (default): the weights of their retrieved patches, scaled up to the estimated outside mass at each query position (at most 10x); retrieved: those weights unscaled (a lower bound); off: 0, as docs/scores.md section 5."),
+        click.option("--tail-retrieved", type=click.Choice(["all", "remeasured"]), default="all", show_default=True, help="Indexes with approximate distances (PCA, lossy codes): all: the tail takes every retrieved patch, those past the 32 re-measured from the pixels at their index distance corrected per query position; remeasured: the 32 re-measured only (slightly faster, a lower bound with --tail retrieved)."),
         click.option("--no-tail", is_flag=True, default=False, help="Same as --tail off."),
         click.option("--resize/--no-resize", "allow_resize", default=True, show_default=True, help="Resize query images of another size than the corpus as the training images were (shorter side, centre crop), with a warning and a record in summary.json; --no-resize refuses them."),
     ]
@@ -102,7 +103,7 @@ def _device(device: str, precision: str) -> str:
 @click.option("--actors", type=click.IntRange(min=1), default=None, help="--engine ray: shard actors (default: one per node, at most one per shard).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="--engine ray: seconds an actor may take to answer before the query fails (default 120).")
-def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, outside_smoothing, outside_topup, max_outside, time_budget, tail, allow_resize, precision, out_dir, top, html,
+def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, outside_smoothing, outside_topup, max_outside, time_budget, tail, tail_retrieved, allow_resize, precision, out_dir, top, html,
               engine="local", address=None, actors=None, timeout_s=None):
     """Say which training images QUERY images draw on: SOURCE is an index (or a store with --exact)."""
     from .. import api
@@ -114,7 +115,7 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
         text = api.attribute_to_folder(
             source, list(queries), out_dir, exact=exact, timesteps=list(timesteps), scales=list(scales) or None,
             alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws, schedule=schedule, device=device, k=k,
-            candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, outside_topup=outside_topup, tail=tail, precision=precision, top=top,
+            candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, outside_topup=outside_topup, tail=tail, tail_retrieved=tail_retrieved, precision=precision, top=top,
             max_outside=max_outside, time_budget=time_budget, allow_resize=allow_resize, engine=engine, address=address, actors=actors, timeout_s=timeout_s,
         )
     click.echo(text)
@@ -133,7 +134,7 @@ def attribute(source, queries, exact, timesteps, scales, alpha, topk, seed, nois
 @click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @_common
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the metrics here.")
-def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, outside_smoothing, outside_topup, max_outside, time_budget, tail, allow_resize, json_out):
+def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, schedule, device, k, candidates, nprobe, mode, rerank, outside_sample, outside_smoothing, outside_topup, max_outside, time_budget, tail, tail_retrieved, allow_resize, json_out):
     """Fidelity of the index path against the exact scorer on the same queries and noise (docs/scores.md 7)."""
     from .. import api
     from .failures import reported
@@ -142,7 +143,7 @@ def compare(index, queries, timesteps, scales, alpha, topk, seed, noise_draws, s
         device = _device(device, "float32 (index path), float64 (exact)")
         text = api.compare_to_exact(
             index, list(queries), timesteps=list(timesteps), alpha=alpha, topk=topk, seed=seed, noise_draws=noise_draws,
-            schedule=schedule, device=device, k=k, candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, outside_topup=outside_topup, tail=tail, json_path=json_out,
+            schedule=schedule, device=device, k=k, candidates=candidates, nprobe=nprobe, mode=mode, rerank=rerank, outside_sample=outside_sample, outside_smoothing=outside_smoothing, outside_topup=outside_topup, tail=tail, tail_retrieved=tail_retrieved, json_path=json_out,
             max_outside=max_outside, time_budget=time_budget,
             allow_resize=allow_resize,
         )

@@ -54,5 +54,11 @@ def test_cli_tail_modes_are_recorded_and_contradicting_no_tail_is_refused(small,
         r = CliRunner().invoke(main, [*args, str(out), *extra])
         assert r.exit_code == 0, r.output
         assert json.loads((out / "summary.json").read_text())["settings"]["tail"] == want
+    for choice in ("remeasured", "all"):
+        r = CliRunner().invoke(main, [*args, str(tmp_path / choice), "--tail-retrieved", choice])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / choice / "summary.json").read_text())["settings"]["tail_retrieved"] == choice
+    r = CliRunner().invoke(main, [*args, str(tmp_path / "c"), "--tail-retrieved", "some"])
+    assert r.exit_code == 2 and "--tail-retrieved" in r.output
     r = CliRunner().invoke(main, [*args, str(tmp_path / "b"), "--tail", "scaled", "--no-tail"])
     assert r.exit_code == 2 and "contradict" in r.output and not (tmp_path / "b").exists()
