@@ -215,10 +215,6 @@ def stage_speed(work: Path, corpus: str, size: str, t: int, index: Path, configs
         secs, recs = [], []
         for _, _, res, sec in attribute_each(att, images, list(range(min(count, len(images)))), t, cfg):
             secs.append(sec)
-            is_cand = np.zeros(len(mass[i]), dtype=bool)
-            is_cand[cand] = True
-            cand_exact.append(np.where(is_cand, exact[i], scores[-1]))  # the re-scored images' exact scores, the tail as it is
-            tail_exact.append(np.where(is_cand, scores[-1], exact[i]))  # the other way round
             rec = res.rounds.get((0, 0))
             recs.append({"m": int(res.candidates_used[0, 0]), "est_outside": float(res.outside_mass[0, 0].mean()),
                          "stopped_by": rec.stopped_by if rec else None})

@@ -3,8 +3,9 @@
 Exact weights where the index keeps exact distances (or with ``tail_retrieved="remeasured"``): then a
 lower bound of their exact score (only retrieved patches count; topk is not applied to them), instead
 of the 0 of docs/scores.md section 5's estimator. On indexes with PCA or lossy codes the patches past
-the re-measured ones enter at their offset index distance (known.tail_known): an estimate, not a bound. On by default (measured: at t = 100, M = 200 on 3,000
-crops, subset-sum Spearman 0.982 -> 0.997 and relative L1 0.18 -> 0.04; BENCHMARKS.md).
+the re-measured ones enter at their offset index distance (known.tail_known): an estimate, not a bound.
+On by default (measured: at t = 100, M = 200 on 3,000 crops, subset-sum Spearman 0.982 -> 0.997 and
+relative L1 0.18 -> 0.04; BENCHMARKS.md).
 """
 from __future__ import annotations
 
