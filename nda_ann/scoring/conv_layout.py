@@ -37,7 +37,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("direct", "unfold")
-_CHOSEN: dict[tuple, str] = {}  # shape key -> layout, filled by ``layout_for``
+_CHOSEN: dict[tuple, str] = {}  # (threads, shape key) -> layout, filled by ``layout_for``
 _CALIBRATION_REPEATS = 3
 _CALIBRATION_IMAGES = 4  # at most this many images and query rows in a calibration (a few ms a call)
 _CALIBRATION_ROWS = 4096
@@ -110,15 +110,16 @@ def layout_for(pooled: torch.Tensor, weight: torch.Tensor, factor: int) -> str:
     r, _, m = weight.shape[:3]
     n_cal, r_cal = min(n, _CALIBRATION_IMAGES), min(r, _CALIBRATION_ROWS)
     key = (n_cal, ch, h, w, r.bit_length(), m, factor, pooled.dtype)  # rows by octave: raised rows vary in number
-    if key not in _CHOSEN:
+    memo = (torch.get_num_threads(), key)  # as the file's: a process whose thread count changes reads that count's choice
+    if memo not in _CHOSEN:
         path = _choice_file(key)
         chosen = _read_choice(path)
         if chosen is None:
             secs = calibrate((n_cal, ch, h, w), (r_cal, ch, m), factor, pooled.dtype)
             chosen = _keep_choice(path, min(secs, key=secs.get))
             log.debug("conv layout for %s: %s (timed %s)", key, chosen, secs)
-        _CHOSEN[key] = chosen
-    return _CHOSEN[key]
+        _CHOSEN[memo] = chosen
+    return _CHOSEN[memo]
 
 
 def cache_dir() -> Path:

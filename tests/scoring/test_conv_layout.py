@@ -88,6 +88,31 @@ def test_the_first_choice_kept_on_disk_is_every_process_s_choice(monkeypatch, tm
         [path.name, other.name])  # no temporary files left
 
 
+def test_a_process_whose_thread_count_changes_takes_that_count_s_kept_choice(monkeypatch, tmp_path):
+    """The choice is kept per thread count on disk, and so in memory: after one at 2 threads, a product at
+    1 thread reads the 1-thread choice other processes kept (the concurrency test's processes run at 1)."""
+    monkeypatch.delenv("NDA_ANN_CONV_LAYOUT", raising=False)
+    monkeypatch.setenv("NDA_ANN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(conv_layout, "_CHOSEN", {})
+    pooled = torch.rand((3, 3, 12, 12)).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn((9, 3, 5, 5))
+    key = (3, 3, 12, 12, (9).bit_length(), 5, 1, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        for threads, layout in ((2, "direct"), (1, "unfold")):
+            torch.set_num_threads(threads)
+            path = conv_layout._choice_file(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(layout + "\n")
+        monkeypatch.setattr(conv_layout, "calibrate", lambda *a: pytest.fail("timed although a choice was kept"))
+        torch.set_num_threads(2)
+        assert layout_for(pooled, weight, 1) == "direct"
+        torch.set_num_threads(1)
+        assert layout_for(pooled, weight, 1) == "unfold"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_an_unwritable_cache_still_chooses_and_says_so(monkeypatch, tmp_path, caplog):
     monkeypatch.delenv("NDA_ANN_CONV_LAYOUT", raising=False)
     blocker = tmp_path / "a-file"
