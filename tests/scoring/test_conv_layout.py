@@ -67,15 +67,21 @@ def test_a_forced_layout_is_used_and_a_bad_one_named(monkeypatch):
         layout_for(pooled, weight, 1)
 
 
-def test_the_first_choice_kept_on_disk_is_every_process_s_choice(monkeypatch, tmp_path):
-    """Another process's choice for the shape, kept on disk, is taken without timing; and of two processes
-    that time the same shape at once, the second takes the first's choice (their scores then agree to the bit)."""
+@pytest.fixture
+def kept_cache(monkeypatch, tmp_path):
+    """Layouts chosen afresh (auto, nothing remembered) and kept in tmp_path; one product's operands:
+    (pooled (3, 3, 12, 12) channels-last, weight (9, 3, 5, 5), the shape key layout_for uses for them)."""
     monkeypatch.delenv("NDA_ANN_CONV_LAYOUT", raising=False)
     monkeypatch.setenv("NDA_ANN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(conv_layout, "_CHOSEN", {})
     pooled = torch.rand((3, 3, 12, 12)).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn((9, 3, 5, 5))
-    key = (3, 3, 12, 12, (9).bit_length(), 5, 1, torch.float32)
+    return pooled, torch.randn((9, 3, 5, 5)), (3, 3, 12, 12, (9).bit_length(), 5, 1, torch.float32)
+
+
+def test_the_first_choice_kept_on_disk_is_every_process_s_choice(monkeypatch, kept_cache):
+    """Another process's choice for the shape, kept on disk, is taken without timing; and of two processes
+    that time the same shape at once, the second takes the first's choice (their scores then agree to the bit)."""
+    pooled, weight, key = kept_cache
     path = conv_layout._choice_file(key)
     path.parent.mkdir(parents=True)
     path.write_text("unfold\n")
@@ -88,15 +94,10 @@ def test_the_first_choice_kept_on_disk_is_every_process_s_choice(monkeypatch, tm
         [path.name, other.name])  # no temporary files left
 
 
-def test_a_process_whose_thread_count_changes_takes_that_count_s_kept_choice(monkeypatch, tmp_path):
+def test_a_process_whose_thread_count_changes_takes_that_count_s_kept_choice(monkeypatch, kept_cache):
     """The choice is kept per thread count on disk, and so in memory: after one at 2 threads, a product at
     1 thread reads the 1-thread choice other processes kept (the concurrency test's processes run at 1)."""
-    monkeypatch.delenv("NDA_ANN_CONV_LAYOUT", raising=False)
-    monkeypatch.setenv("NDA_ANN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(conv_layout, "_CHOSEN", {})
-    pooled = torch.rand((3, 3, 12, 12)).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn((9, 3, 5, 5))
-    key = (3, 3, 12, 12, (9).bit_length(), 5, 1, torch.float32)
+    pooled, weight, key = kept_cache
     before = torch.get_num_threads()
     try:
         for threads, layout in ((2, "direct"), (1, "unfold")):
