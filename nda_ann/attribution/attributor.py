@@ -39,7 +39,9 @@ from .candidates import Hits, candidate_mass, query_thumbnail, ranked_candidates
 from .fast import fast_scores
 from .known import known_logits, retrieved_outside, tail_distances, tail_known
 from .maps import Contributions, keep_maps
+from . import rounds as rounds_mod
 from .outside import sample_outside
+from .pace import Pace
 from .query_patches import NoisedBlock
 from .rerank import proxy_scores
 from .rescore import Rescoring, rescore
@@ -82,6 +84,7 @@ class Attributor:
         self._thumbs = thumbs
         self._sources: list[str] | None = None
         self.budget = parse_bytes(memory_budget)
+        self._paces: dict[tuple, Pace] = {}  # a time budget's running costs, per settings that cost alike
 
     @classmethod
     def open(cls, index_path, device="auto", mmap: bool = True, engine: str = "local", **engine_options) -> "Attributor":
@@ -258,9 +261,16 @@ class Attributor:
             mass = candidate_mass(hits, self.scales, weights, draws, n, s, sigma2)
             pool = (self._pool(mass, min(m, n), noised, b, settings) if settings.adaptive
                     else self._candidates(q, mass, min(m, n), noised, b, patches, weights, settings))
-        first = min(ADAPTIVE_FIRST, len(pool)) if settings.adaptive and hits is not None else len(pool)
+        rounds = settings.adaptive and hits is not None
+        pace = self._pace(settings) if rounds else None
+        first = len(pool)
+        if rounds:
+            remaining = None if deadline is None else deadline - time.perf_counter()
+            first = pace.first_round(min(ADAPTIVE_FIRST, len(pool)), remaining, rounds_mod.MIN_ROUND)
+        setup_started = time.perf_counter()
         cand0 = np.sort(pool[:first])
         known = known_of(cand0)
+        known_took = time.perf_counter() - setup_started
         hint = None if hits is None else self._shift_hint(hits, known, s, sigma2)
         def draw_sample(cand: np.ndarray, known: dict, size: int, round_: int = 0) -> dict:
             return sample_outside(
@@ -269,11 +279,14 @@ class Attributor:
                 Rescoring.chunk(self.groups, self.scales, dtype, self.budget), settings.outside_smoothing, round_)
 
         sampled = {} if hits is None else draw_sample(cand0, known, settings.outside_sample)
-        if settings.adaptive and hits is not None:
+        if rounds:
             res = Rescoring(self.corpus, patches, self.groups, self.scales, weights, draws, s, sigma2, settings.topk, self.budget, hint)
             topup = ((lambda cand, known, round_: draw_sample(cand, known, settings.outside_topup, round_))
                      if settings.outside_topup > 0 and settings.outside_sample > 0 else None)
-            known, sampled, record = grow(res, pool, first, known_of, sampled, settings.max_outside, deadline, topup)
+            pace.note("setup", time.perf_counter() - setup_started)
+            known, sampled, record = grow(res, pool, first, known_of, sampled, settings.max_outside, deadline, topup,
+                                          first_known=(known, known_took), finish=pace.finish or 0.0, pace=pace)
+            finish_started = time.perf_counter()
             out = res.result(retrieved_outside(known), sampled)
         else:
             out = self._rescore(q, cand0, patches, weights, settings, s, sigma2, retrieved_outside(known), sampled, hint)
@@ -288,11 +301,19 @@ class Attributor:
                                 out.log_z_out if settings.tail == "scaled" else None)
             tail_ids = np.nonzero(extra)[0]
             ids, vals = np.concatenate([ids, tail_ids]), np.concatenate([vals, extra[tail_ids]])
+        if rounds:
+            pace.note("finish", time.perf_counter() - finish_started)
         result.outside_mass[ti, q] = out.outside
         result.candidates_used[ti, q] = len(cand)
         result.rounds[(ti, q)] = record
         result.candidate_ids[(ti, q)] = cand
         return ids, vals, contrib
+
+    def _pace(self, settings: AttributionSettings) -> Pace:
+        """The running costs (pace.py) of this Attributor's earlier queries under settings that cost alike."""
+        key = (settings.k, settings.nprobe, settings.topk, settings.noise_draws, settings.outside_sample, settings.outside_topup,
+               settings.tail, settings.tail_retrieved, settings.maps > 0)
+        return self._paces.setdefault(key, Pace())
 
     def _pool(self, mass: np.ndarray, cap: int, noised: NoisedBlock, b: int, settings: AttributionSettings) -> np.ndarray:
         """Up to ``cap`` candidate ids ranked for re-scoring in rounds (candidates.ranked_candidates)."""

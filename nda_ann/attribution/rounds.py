@@ -3,7 +3,8 @@ normaliser outside the re-scored images falls below a target, or the query's tim
 
 Round 1 re-scores the ``first`` best-ranked candidates; each later round doubles the count (or takes
 what the remaining time allows at the per-image cost measured so far, less what the last round's known
-logits and top-up took, since they follow each round), in the candidate ranking's order. The
+logits and top-up took, since they follow each round, and the finish the caller plans for: pace.py),
+in the candidate ranking's order. The
 outside-mass sample is drawn against round 1's candidates; images that later become candidates leave
 it, which keeps it unbiased for those still outside (outside.py). Its guided draws are the images most
 likely to become candidates, so it thins where the outside mass is; ``topup`` draws a fresh sample
@@ -20,6 +21,7 @@ import numpy as np
 
 from .known import retrieved_outside
 from .outside import top_up
+from .pace import Pace
 from .rescore import Rescoring
 
 MIN_ROUND = 32  # a round smaller than this (or a tenth of what is re-scored) is not worth its fixed cost
@@ -38,18 +40,26 @@ class RoundsRecord:
 
 def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.ndarray], dict], sampled: dict,
          target: float | None, deadline: float | None,
-         topup: Callable[[np.ndarray, dict, int], dict] | None = None) -> tuple[dict, dict, RoundsRecord]:
+         topup: Callable[[np.ndarray, dict, int], dict] | None = None, *, first_known: tuple[dict, float] | None = None,
+         finish: float = 0.0, pace: Pace | None = None) -> tuple[dict, dict, RoundsRecord]:
     """Re-score ``pool`` (ranked ids, best first) in rounds into ``res``; ``known_of(cand)`` gives the
     known logits (known.py) for a sorted candidate set, ``topup(cand, known, round)`` a fresh outside
-    sample against it (outside.sample_outside; None: none). Returns the last round's known logits, the
-    outside sample and the record."""
+    sample against it (outside.sample_outside; None: none). ``first_known``: (the known logits of the
+    first round's candidates, the seconds they took), when the caller has them already; ``finish``:
+    seconds the deadline keeps for what follows the rounds; ``pace``: gets the per-image cost measured.
+    Returns the last round's known logits, the outside sample and the record."""
     m, rounds = min(first, len(pool)), 1
     t0 = time.perf_counter()
     res.add(pool[:m])
     per_image = (time.perf_counter() - t0) / max(m, 1)
-    t0 = time.perf_counter()
-    known = known_of(res.cand())
-    after = time.perf_counter() - t0  # what follows each round (its known logits and top-up): planned for
+    if pace is not None and m:
+        pace.note("per_image", per_image)
+    if first_known is not None:
+        known, after = first_known
+    else:
+        t0 = time.perf_counter()
+        known = known_of(res.cand())
+        after = time.perf_counter() - t0  # what follows each round (its known logits and top-up): planned for
     while True:
         outside = float(res.outside(retrieved_outside(known), sampled).mean())
         if target is None and deadline is None:
@@ -60,7 +70,7 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
             break
         step, stopped = min(len(pool) - m, m), "pool"  # doubling, within the ranked pool
         if deadline is not None:
-            affordable = int((deadline - time.perf_counter() - after) / max(per_image, 1e-6))
+            affordable = int((deadline - time.perf_counter() - after - finish) / max(per_image, 1e-6))
             if affordable < step:
                 step, stopped = affordable, "time"
         if step < max(MIN_ROUND, m // 10):
@@ -68,6 +78,8 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
         t0 = time.perf_counter()
         res.add(pool[m : m + step])
         per_image = (time.perf_counter() - t0) / step
+        if pace is not None:
+            pace.note("per_image", per_image)
         m, rounds = m + step, rounds + 1
         t0 = time.perf_counter()
         known = known_of(res.cand())

@@ -59,7 +59,10 @@ def test_a_spent_time_budget_stops_after_the_first_round(crops, small_rounds):
     corpus, queries, _ = crops
     att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
     got = att.attribute(queries, 300, k=32, topk=4, maps=0, candidates=59, time_budget=1e-9)
-    assert all(r.stopped_by == "time" and r.candidates == 6 and not r.met for r in got.rounds.values())
+    assert all(r.stopped_by == "time" and r.rounds == 1 and not r.met for r in got.rounds.values())
+    # the first query knows no costs yet and takes the usual first round; the second, planned from the
+    # first's costs, only the least a query re-scores (MIN_ROUND, 1 here)
+    assert [got.rounds[(0, q)].candidates for q in range(2)] == [6, 1]
 
 
 def test_rounds_with_the_whole_pool_equal_one_round_of_the_same_candidates(crops, small_rounds):

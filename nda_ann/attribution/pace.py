@@ -1,0 +1,42 @@
+"""What a time budget plans with: the costs of one Attributor's earlier queries.
+
+Under ``time_budget`` a query spends part of its seconds before its rounds can measure anything (the
+search, the tail distances, the first candidates' known logits and the outside sample) and part after
+the last round (the final normaliser and the tail's scores). The rounds size each later round from
+the per-image cost they measure (rounds.py), but the first round was always ``ADAPTIVE_FIRST``
+images and the finish was not planned: on a CPU where the search and the sample take most of the
+budget the query ran past it (Intel Xeon, 100k crops, ``indexes/stride2.toml``: median 2.15 s under
+a 2 s budget). ``Pace`` keeps those costs from the queries before (the warm-up's included), so that
+the first round takes only what the rest of the budget pays for and the last round leaves the
+finish its time. A fresh Attributor knows nothing yet: its first query plans as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# weight of the newest measurement in each running cost (the rest: the earlier queries')
+NEWEST = 0.5
+
+
+@dataclass
+class Pace:
+    """Running costs in seconds, None until measured: ``per_image`` one re-scored candidate image,
+    ``setup`` from sizing the first round to starting it, ``finish`` after the last round."""
+
+    per_image: float | None = None
+    setup: float | None = None
+    finish: float | None = None
+
+    def note(self, name: str, seconds: float) -> None:
+        """Fold one measurement of cost ``name`` into its running value."""
+        old = getattr(self, name)
+        setattr(self, name, seconds if old is None else (1.0 - NEWEST) * old + NEWEST * seconds)
+
+    def first_round(self, cap: int, remaining: float | None, least: int) -> int:
+        """The first round's size: ``cap`` images, or fewer where the earlier queries' costs say that
+        ``cap`` would run past the ``remaining`` seconds (None: no budget), but at least ``least``
+        (a query re-scores something, or its scores would rest on the retrieved distances alone)."""
+        if remaining is None or self.per_image is None:
+            return cap
+        left = remaining - (self.setup or 0.0) - (self.finish or 0.0)
+        return max(min(least, cap), min(cap, int(left / max(self.per_image, 1e-9))))
