@@ -7,8 +7,9 @@ the per-image cost they measure (rounds.py), but the first round was always ``AD
 images and the finish was not planned: on a CPU where the search and the sample take most of the
 budget the query ran past it (Intel Xeon, 100k crops, ``indexes/stride2.toml``: median 2.15 s under
 a 2 s budget). ``Pace`` keeps those costs from the queries before (the warm-up's included), so that
-the first round takes only what the rest of the budget pays for and the last round leaves the
-finish its time. A fresh Attributor knows nothing yet: its first query plans as before.
+the first round takes only what the rest of the budget pays for, the last round leaves the finish its
+time, and a later round plans for the top-up that follows it and for running slower than the round
+before it measured. A fresh Attributor knows nothing yet: its first query plans as before.
 """
 from __future__ import annotations
 
@@ -21,11 +22,16 @@ NEWEST = 0.5
 @dataclass
 class Pace:
     """Running costs in seconds, None until measured: ``per_image`` one re-scored candidate image,
-    ``setup`` from sizing the first round to starting it, ``finish`` after the last round."""
+    ``setup`` from sizing the first round to starting it, ``after`` what follows a later round (its known
+    logits and the outside sample's top-up), ``finish`` after the last round; and ``overrun`` (>= 1),
+    how much longer than planned a round took (a later round's images cost more than the earlier
+    round's measured: up to 1.7x on the same query at 20k crops)."""
 
     per_image: float | None = None
     setup: float | None = None
+    after: float | None = None
     finish: float | None = None
+    overrun: float | None = None
 
     def note(self, name: str, seconds: float) -> None:
         """Fold one measurement of cost ``name`` into its running value."""

@@ -46,7 +46,9 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
     known logits (known.py) for a sorted candidate set, ``topup(cand, known, round)`` a fresh outside
     sample against it (outside.sample_outside; None: none). ``first_known``: (the known logits of the
     first round's candidates, the seconds they took), when the caller has them already; ``finish``:
-    seconds the deadline keeps for what follows the rounds; ``pace``: gets the per-image cost measured.
+    seconds the deadline keeps for what follows the rounds; ``pace``: the running costs (pace.py), which
+    the rounds update and plan with: per image, what follows a later round (its top-up included), and how
+    much slower than planned a round ran.
     Returns the last round's known logits, the outside sample and the record."""
     m, rounds = min(first, len(pool)), 1
     t0 = time.perf_counter()
@@ -70,20 +72,28 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
             break
         step, stopped = min(len(pool) - m, m), "pool"  # doubling, within the ranked pool
         if deadline is not None:
-            affordable = int((deadline - time.perf_counter() - after - finish) / max(per_image, 1e-6))
+            follows = after if pace is None or pace.after is None else max(after, pace.after)  # round 1's has no top-up
+            slower = 1.0 if pace is None or pace.overrun is None else pace.overrun
+            affordable = int((deadline - time.perf_counter() - follows - finish) / max(per_image * slower, 1e-6))
             if affordable < step:
                 step, stopped = affordable, "time"
         if step < max(MIN_ROUND, m // 10):
             break
         t0 = time.perf_counter()
         res.add(pool[m : m + step])
-        per_image = (time.perf_counter() - t0) / step
+        took = time.perf_counter() - t0
+        if pace is not None:  # how much slower than planned: the next round's images cost more or less than these
+            pace.note("overrun", max(1.0, took / max(step * per_image, 1e-9)))
+        per_image = took / step
         if pace is not None:
             pace.note("per_image", per_image)
         m, rounds = m + step, rounds + 1
         t0 = time.perf_counter()
         known = known_of(res.cand())
-        if topup is not None and (deadline is None or time.perf_counter() < deadline):  # a spent budget keeps the sample
+        topped = topup is not None and (deadline is None or time.perf_counter() < deadline)  # a spent budget keeps the sample
+        if topped:
             sampled = top_up(sampled, topup(res.cand(), known, rounds - 1))
         after = time.perf_counter() - t0
+        if pace is not None and topped:
+            pace.note("after", after)
     return known, sampled, RoundsRecord(m, outside, target is not None and outside <= target, rounds, stopped)

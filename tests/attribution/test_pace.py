@@ -79,6 +79,42 @@ def test_the_last_round_leaves_the_finish_its_time(fake_clock):
     assert record.stopped_by == "time" and pace.per_image == pytest.approx(1e-3)
 
 
+def test_a_later_round_plans_for_the_top_up_that_follows_it(fake_clock):
+    """The top-up (200 ms here) follows later rounds only, so a first query whose second round is the
+    last one that fits cannot know it and ends past its deadline; the next query plans for it from the
+    first one's costs and keeps to the deadline."""
+    def topup(cand, known, round_):
+        fake_clock[0] += 0.2
+        return {}
+
+    pace, ends = Pace(), []
+    for _ in range(2):
+        fake_clock[0] = 0.0
+        res = _FakeRounds(fake_clock)
+        rounds_mod.grow(res, np.arange(10_000), 32, res.known_of, {}, None, 0.3, topup, pace=pace)
+        ends.append(fake_clock[0])
+    assert ends[0] > 0.3 + 0.1 and ends[1] <= 0.3 + 1e-9
+    assert pace.after == pytest.approx(0.3)  # known logits 0.1 + top-up 0.2
+
+
+def test_a_round_slower_than_the_one_before_it_measured_is_planned_for(fake_clock):
+    """Round 1 runs at 1 ms an image, round 2 at 3 ms: planned at round 1's cost, round 2 overruns; the
+    next query plans with the overrun measured and keeps to its deadline."""
+    class Slower(_FakeRounds):
+        def add(self, ids):
+            self.clock[0] += (1e-3 if not self.ids else 3e-3) * len(ids)
+            self.ids += list(ids)
+
+    pace, ends = Pace(), []
+    for _ in range(2):
+        fake_clock[0] = 0.0
+        res = Slower(fake_clock)
+        rounds_mod.grow(res, np.arange(10_000), 200, res.known_of, {}, None, 0.55, pace=pace)
+        ends.append(fake_clock[0])
+    assert ends[0] > 0.55 + 0.1 and ends[1] <= 0.55 + 1e-9
+    assert pace.overrun == pytest.approx(3.0)
+
+
 def test_known_logits_the_caller_has_are_not_computed_again(fake_clock):
     res = _FakeRounds(fake_clock)
     _, _, record = rounds_mod.grow(res, np.arange(100), 32, res.known_of, {}, None, None, first_known=({"k": 1}, 0.1))
