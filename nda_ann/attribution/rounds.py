@@ -4,12 +4,11 @@ normaliser outside the re-scored images falls below a target, or the query's tim
 Round 1 re-scores the ``first`` best-ranked candidates; each later round doubles the count (or takes
 what the remaining time allows at the per-image cost measured so far, less what the last round's known
 logits and top-up took, since they follow each round, and the finish the caller plans for: pace.py),
-in the candidate ranking's order. The
-outside-mass sample is drawn against round 1's candidates; images that later become candidates leave
-it, which keeps it unbiased for those still outside (outside.py). Its guided draws are the images most
-likely to become candidates, so it thins where the outside mass is; ``topup`` draws a fresh sample
-against each later round's candidates, pooled with what is left of the earlier ones
-(outside.top_up).
+in the candidate ranking's order. The outside-mass sample is drawn against round 1's candidates;
+images that later become candidates leave it, which keeps it unbiased for those still outside
+(outside.py). Its guided draws are the images most likely to become candidates, so it thins where
+the outside mass is; ``topup`` draws a fresh sample against each later round's candidates, pooled
+with what is left of the earlier ones (outside.top_up).
 """
 from __future__ import annotations
 
@@ -84,9 +83,8 @@ def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.nd
         took = time.perf_counter() - t0
         if pace is not None:  # how much slower than planned: the next round's images cost more or less than these
             pace.note("overrun", max(1.0, took / max(step * per_image, 1e-9)))
+            pace.note("per_image", took / step)
         per_image = took / step
-        if pace is not None:
-            pace.note("per_image", per_image)
         m, rounds = m + step, rounds + 1
         t0 = time.perf_counter()
         known = known_of(res.cand())
