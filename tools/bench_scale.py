@@ -249,7 +249,7 @@ def _settings_label(key: dict) -> str:
     if not k:
         return "defaults"
     names = {"candidates": "M", "time_budget": "budget s", "max_outside": "F", "outside_sample": "sample", "tail": "tail", "k": "K",
-             "tail_retrieved": "tail from", "plan": "plan"}
+             "tail_retrieved": "tail from"}
     values = {("tail", True): "retrieved (unscaled)", ("tail", False): "off", ("tail", "scaled"): "scaled",
               ("tail_retrieved", "all"): "every retrieved patch", ("tail_retrieved", "remeasured"): "the 32 re-measured"}
     oracle = k.pop("oracle_pool", False)

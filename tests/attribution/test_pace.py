@@ -67,7 +67,7 @@ def fake_clock(monkeypatch):
 
 
 def test_the_last_round_leaves_the_finish_its_time(fake_clock):
-    plain, kept = _FakeRounds(fake_clock), None
+    plain = _FakeRounds(fake_clock)
     rounds_mod.grow(plain, np.arange(10_000), 32, plain.known_of, {}, None, 1.0)
     ended_plain = fake_clock[0]
     fake_clock[0] = 0.0
