@@ -178,7 +178,8 @@ def stage_fidelity(work: Path, corpus: str, size: str, t: int, index: Path, conf
             tail_exact.append(np.where(is_cand, scores[-1], exact[i]))  # the other way round
             rec = res.rounds.get((0, 0))
             recs.append({"m": len(cand), "est_outside": float(res.outside_mass[0, 0].mean()), "true_outside": 1 - held / total,
-                         "recall": held / best if best > 0 else 1.0, "met": bool(rec.met) if rec else None, "kind": kinds[q]})
+                         "recall": held / best if best > 0 else 1.0, "met": bool(rec.met) if rec else None, "kind": kinds[q],
+                         "before_rounds": rec.before_rounds if rec else None})
         att._pool = shipped_pool
         scores = np.stack(scores)
         row = {"key": key, "queries": [names[q] for q in done], "s_per_query": secs, "per_query": recs,
@@ -217,7 +218,7 @@ def stage_speed(work: Path, corpus: str, size: str, t: int, index: Path, configs
             secs.append(sec)
             rec = res.rounds.get((0, 0))
             recs.append({"m": int(res.candidates_used[0, 0]), "est_outside": float(res.outside_mass[0, 0].mean()),
-                         "stopped_by": rec.stopped_by if rec else None})
+                         "stopped_by": rec.stopped_by if rec else None, "before_rounds": rec.before_rounds if rec else None})
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
         row = {"key": key, "queries": [names[q] for q in range(len(secs))], "s_per_query": secs, "per_query": recs,
                "vm_hwm_bytes": int(status["VmHWM"].split()[0]) * 1024, "images": att.corpus.count}
@@ -249,12 +250,18 @@ def _settings_label(key: dict) -> str:
     if not k:
         return "defaults"
     names = {"candidates": "M", "time_budget": "budget s", "max_outside": "F", "outside_sample": "sample", "tail": "tail", "k": "K",
-             "tail_retrieved": "tail from"}
+             "tail_retrieved": "tail from", "nprobe": "nprobe"}
     values = {("tail", True): "retrieved (unscaled)", ("tail", False): "off", ("tail", "scaled"): "scaled",
               ("tail_retrieved", "all"): "every retrieved patch", ("tail_retrieved", "remeasured"): "the 32 re-measured"}
     oracle = k.pop("oracle_pool", False)
     text = ", ".join(f"{names.get(a, a)} = {values.get((a, b), b)}" for a, b in k.items())
     return "pool ranked by the exact mass (oracle)" + (f", {text}" if text else "") if oracle else text
+
+
+def _before_rounds(per_query: list[dict]) -> str:
+    """The median seconds before the first round over a row's queries, '-' where the row has none recorded."""
+    got = [p["before_rounds"] for p in per_query if p.get("before_rounds") is not None]
+    return f"{np.median(got):.2f}" if got else "-"
 
 
 def stage_report(work: Path, tag: str = "") -> None:
@@ -274,14 +281,15 @@ def stage_report(work: Path, tag: str = "") -> None:
                  "p = 7, topk 100, each attributed alone after a warm-up, index and store in the page cache; exact = the exact "
                  "scorer (float32) on the same noise. Columns: top-10 overlap, subset-sum Spearman, relative L1; M re-scored "
                  "(mean), estimated / true share of the softmax mass outside the M (mean), candidate recall (the M's share of "
-                 "the exact mass over the exact top M's), median and slowest seconds per query (load: the section 'Reading the scale figures' below).", "",
-                 "| index | settings | top-10 | subset-sum | rel. L1 | M | est. / true outside | recall | s / query | slowest |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "the exact mass over the exact top M's), median and slowest seconds per query, and the median of them before the "
+                 "first round (search, tail distances, outside sample; '-' where not recorded) (load: the section 'Reading the scale figures' below).", "",
+                 "| index | settings | top-10 | subset-sum | rel. L1 | M | est. / true outside | recall | s / query | slowest | before rounds |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             pq = r["per_query"]
             lines.append(f"| {r['key']['index']} | {_settings_label(r['key'])} | {r['top10_overlap']:.3f} | {r['subset_sum_spearman']:.3f} | "
                          f"{r['relative_l1']:.3f} | {np.mean([p['m'] for p in pq]):.0f} | {np.mean([p['est_outside'] for p in pq]):.2f} / "
-                         f"{np.mean([p['true_outside'] for p in pq]):.2f} | {np.mean([p['recall'] for p in pq]):.2f} | {np.median(r['s_per_query']):.2f} | {max(r['s_per_query']):.2f} |")
+                         f"{np.mean([p['true_outside'] for p in pq]):.2f} | {np.mean([p['recall'] for p in pq]):.2f} | {np.median(r['s_per_query']):.2f} | {max(r['s_per_query']):.2f} | {_before_rounds(pq)} |")
         split = [r for r in rows if "with_exact_candidates" in r]
         if split:
             lines += ["", "Where each row loses: its top-10 overlap / subset-sum Spearman as measured, with the re-scored images' "

@@ -41,7 +41,7 @@ from .known import known_logits, retrieved_outside, tail_distances, tail_known
 from .maps import Contributions, keep_maps
 from . import rounds as rounds_mod
 from .outside import sample_outside
-from .pace import Pace
+from .pace import Pace, overrun_warning
 from .query_patches import NoisedBlock
 from .rerank import proxy_scores
 from .rescore import Rescoring, rescore
@@ -230,8 +230,7 @@ class Attributor:
                 for q in block:
                     b = q - lo
                     q_hits = None if full else {key: (d[b], i[b], p[b]) for key, (d, i, p) in hits.items()}
-                    deadline = None if settings.time_budget is None else started + settings.time_budget / len(ts)
-                    ids, vals, contrib = self._attribute_one(q, ti, noised, b, q_hits, m_per_t[ti], weights, settings, dtype, result, deadline)
+                    ids, vals, contrib = self._attribute_one(q, ti, noised, b, q_hits, m_per_t[ti], weights, settings, dtype, result, started)
                     result.sparse[(ti, q)] = (ids, vals)
                     parts[q].append(contrib)
                     bar.update(1)
@@ -239,16 +238,21 @@ class Attributor:
                 for q in block:
                     keep_maps(result, q, parts[q], settings.maps, self.size)
         bar.close()
+        if settings.time_budget is not None and (warning := overrun_warning(result.rounds, settings.time_budget / len(ts))):
+            log.warning("%s", warning)
         if record["kernel"] == "conv":
             record["conv_layout"] = layouts_chosen()  # chosen at run time (conv_layout.py): say which ran
         return result
 
     def _attribute_one(self, q: int, ti: int, noised: NoisedBlock, b: int, hits: Hits | None, m: int, weights: list[float],
-                       settings: AttributionSettings, dtype, result: Attribution, deadline: float | None = None):
+                       settings: AttributionSettings, dtype, result: Attribution, started: float):
         """(ids, scores, contributions) of query ``q`` (row ``b`` of ``noised``) at timestep index
-        ``ti``; ``hits`` None: re-score every image. Stores its outside mass and M in ``result``.
+        ``ti``; ``hits`` None: re-score every image; ``started``: perf_counter() when this timestep's
+        noising and search began (a time budget counts from it). Stores its outside mass, M and
+        seconds in ``result``.
         ``contributions`` (None in fast mode or without maps) holds what its heatmaps are drawn from."""
         n, draws, s, sigma2 = self.corpus.count, settings.noise_draws, noised.s, noised.sigma2
+        deadline = None if settings.time_budget is None else started + settings.time_budget / len(settings.timesteps)
         if settings.mode == "fast":
             return (*fast_scores(hits, self.scales, weights, draws, n, s, sigma2, settings.topk), None)
         patches = noised.of(b, self.device, dtype)
@@ -303,6 +307,7 @@ class Attributor:
             ids, vals = np.concatenate([ids, tail_ids]), np.concatenate([vals, extra[tail_ids]])
         if rounds:
             pace.note("finish", time.perf_counter() - finish_started)
+        record.seconds, record.before_rounds = time.perf_counter() - started, setup_started - started
         result.outside_mass[ti, q] = out.outside
         result.candidates_used[ti, q] = len(cand)
         result.rounds[(ti, q)] = record

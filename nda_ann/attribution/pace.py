@@ -14,6 +14,7 @@ before it measured. A fresh Attributor knows nothing yet: its first query plans 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import median
 
 # weight of the newest measurement in each running cost (the rest: the earlier queries')
 NEWEST = 0.5
@@ -46,3 +47,26 @@ class Pace:
             return cap
         left = remaining - (self.setup or 0.0) - (self.finish or 0.0)
         return max(min(least, cap), min(cap, int(left / max(self.per_image, 1e-9))))
+
+
+# a query counts as past its budget beyond this share over it (the rounds plan to end on it; the 2 cores are shared)
+OVERRUN_TOLERANCE = 0.1
+
+
+def overrun_warning(records: dict, per_query: float) -> str | None:
+    """A warning for the queries that ran past ``per_query`` seconds (the budget per query and timestep),
+    None when every one kept it. ``records`` maps (t index, query) to rounds.RoundsRecord. Names the
+    slowest and, where the time before the first round alone passed the budget (the search, the tail
+    distances, the outside sample), says that no rounds can keep it on this index and machine."""
+    late = [r for r in records.values() if r.seconds > per_query * (1 + OVERRUN_TOLERANCE)]
+    if not late:
+        return None
+    text = (f"{len(late)} of {len(records)} queries ran past the time budget of {per_query:.2f} s per query and timestep "
+            f"(slowest {max(r.seconds for r in late):.2f} s)")
+    fixed = [r.before_rounds for r in late if r.before_rounds > per_query]
+    if fixed:
+        text += (f"; {len(fixed)} spent {median(fixed):.2f} s (median) before their first round, on the index search, the "
+                 "tail distances and the outside sample, so this index cannot answer within the budget on this machine: "
+                 "a smaller k or nprobe, a smaller outside_sample, an index with fewer vectors per image "
+                 "(indexes/stride2.toml) or more cores would")
+    return text

@@ -29,13 +29,18 @@ class Attribution:
     candidate_ids: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (t index, query) -> sorted ids re-scored
 
     def candidates_report(self) -> dict[str, Any]:
-        """Per query and timestep: M re-scored, the estimated outside share, whether the target was met
-        and what stopped the rounds (summary.json's ``candidates``)."""
+        """Per query and timestep: M re-scored, the estimated outside share, whether the target was met,
+        what stopped the rounds, the seconds taken (and of them before the first round) and, under a time
+        budget, whether the query kept its share of it (summary.json's ``candidates``)."""
+        budget = self.settings.get("time_budget")
         out: dict[str, Any] = {}
         for (ti, q), rec in sorted(self.rounds.items()):
-            out.setdefault(self.query_names[q], {})[f"t={self.timesteps[ti]}"] = {
-                "candidates": int(rec.candidates), "outside": round(float(rec.outside), 6), "target_met": bool(rec.met),
-                "rounds": int(rec.rounds), "stopped_by": rec.stopped_by}
+            row = {"candidates": int(rec.candidates), "outside": round(float(rec.outside), 6), "target_met": bool(rec.met),
+                   "rounds": int(rec.rounds), "stopped_by": rec.stopped_by, "seconds": round(float(rec.seconds), 4),
+                   "seconds_before_rounds": round(float(rec.before_rounds), 4)}
+            if budget is not None:
+                row["within_budget"] = bool(rec.seconds <= budget / len(self.timesteps))
+            out.setdefault(self.query_names[q], {})[f"t={self.timesteps[ti]}"] = row
         return out
 
     @property

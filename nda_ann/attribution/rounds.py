@@ -35,6 +35,8 @@ class RoundsRecord:
     met: bool  # the outside target was reached
     rounds: int
     stopped_by: str  # "target", "time", "pool" or "fixed"
+    seconds: float = 0.0  # the query's wall time at this timestep, its noising and search included
+    before_rounds: float = 0.0  # of which before its first re-scored candidate (noising, search, tail distances, sample)
 
 
 def grow(res: Rescoring, pool: np.ndarray, first: int, known_of: Callable[[np.ndarray], dict], sampled: dict,

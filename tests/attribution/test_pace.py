@@ -11,8 +11,9 @@ import torch
 import nda_ann.attribution.attributor as attributor_mod
 import nda_ann.attribution.rounds as rounds_mod
 from nda_ann.attribution.attributor import Attributor
-from nda_ann.attribution.pace import Pace
+from nda_ann.attribution.pace import Pace, overrun_warning
 from nda_ann.attribution.rescore import Rescoring
+from nda_ann.attribution.rounds import RoundsRecord
 from nda_ann.corpus.store import uint8_to_float
 from nda_ann.index.torch_search import TorchFlatSearch
 
@@ -24,6 +25,19 @@ def test_running_costs_average_the_newest_with_the_earlier_ones():
     assert pace.per_image == 4e-3
     pace.note("per_image", 2e-3)
     assert pace.per_image == pytest.approx(3e-3)
+
+
+def test_the_overrun_warning_names_the_late_queries_and_a_fixed_cost_past_the_budget():
+    def rec(seconds, before):
+        return RoundsRecord(100, 0.2, False, 2, "time", seconds=seconds, before_rounds=before)
+
+    assert overrun_warning({(0, 0): rec(1.05, 0.4), (0, 1): rec(0.9, 0.3)}, 1.0) is None  # within the tolerance
+    rounds_late = overrun_warning({(0, 0): rec(1.5, 0.4), (0, 1): rec(0.9, 0.3)}, 1.0)
+    assert rounds_late.startswith("1 of 2 queries ran past the time budget of 1.00 s") and "slowest 1.50 s" in rounds_late
+    assert "cannot answer" not in rounds_late  # its rounds, not what preceded them, ran late
+    fixed = overrun_warning({(0, 0): rec(1.9, 1.4), (0, 1): rec(2.5, 1.6), (0, 2): rec(1.2, 0.5)}, 1.0)
+    assert fixed.startswith("3 of 3 queries") and "slowest 2.50 s" in fixed
+    assert "2 spent 1.50 s (median) before their first round" in fixed and "cannot answer within the budget" in fixed
 
 
 def test_the_first_round_takes_what_the_rest_of_the_budget_pays_for():

@@ -65,6 +65,26 @@ def test_a_spent_time_budget_stops_after_the_first_round(crops, small_rounds):
     assert [got.rounds[(0, q)].candidates for q in range(2)] == [6, 1]
 
 
+def test_a_budget_the_query_cannot_keep_is_reported_and_warned_of(crops, small_rounds, caplog):
+    """Each query's seconds (and those before its first round) reach summary.json's report; under a budget
+    shorter than the search and set-up, every query says it ran past it and the run warns why."""
+    corpus, queries, _ = crops
+    att = Attributor(TorchFlatSearch(corpus, [3]), corpus, [3])
+    kw = dict(k=32, topk=4, maps=0, candidates=59)
+    with caplog.at_level("WARNING", logger="nda_ann.attribution.attributor"):
+        late = att.attribute(queries, 300, time_budget=1e-6, **kw)
+    rows = [late.candidates_report()[name]["t=300"] for name in late.query_names]
+    assert all(0 < r["seconds_before_rounds"] < r["seconds"] and r["within_budget"] is False for r in rows)
+    assert "2 of 2 queries ran past the time budget" in caplog.text and "cannot answer within the budget" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nda_ann.attribution.attributor"):
+        kept = att.attribute(queries, 300, time_budget=600.0, **kw)
+    assert all(kept.candidates_report()[name]["t=300"]["within_budget"] for name in kept.query_names)
+    assert "time budget" not in caplog.text
+    untimed = att.attribute(queries, 300, max_outside=0.5, **kw).candidates_report()
+    assert all("within_budget" not in v["t=300"] and v["t=300"]["seconds"] > 0 for v in untimed.values())
+
+
 def test_rounds_with_the_whole_pool_equal_one_round_of_the_same_candidates(crops, small_rounds):
     """Re-scoring in rounds (shifts raised and columns reordered on the way) gives the scores of re-scoring
     the same candidates at once, and its outside estimate drops the sampled images that became candidates."""
