@@ -43,6 +43,18 @@ class Attribution:
             out.setdefault(self.query_names[q], {})[f"t={self.timesteps[ti]}"] = row
         return out
 
+    def rounds_labels(self) -> dict[str, str]:
+        """Per query name, one line of what its re-scoring reached (M, the estimated outside share and the
+        seconds, per timestep; ", past its budget" where it ran past it), for the printed table; {} without
+        rounds records (the exact path)."""
+        budget = self.settings.get("time_budget")
+        parts: dict[str, list[str]] = {}
+        for (ti, q), rec in sorted(self.rounds.items()):
+            late = budget is not None and rec.seconds > budget / len(self.timesteps)
+            text = f"M {rec.candidates}, est. outside {rec.outside:.2f}, {rec.seconds:.2f} s" + (", past its budget" if late else "")
+            parts.setdefault(self.query_names[q], []).append(text if len(self.timesteps) == 1 else f"t={self.timesteps[ti]}: {text}")
+        return {name: "; ".join(texts) for name, texts in parts.items()}
+
     @property
     def scores(self) -> np.ndarray:
         """(T, Q, N) float64."""

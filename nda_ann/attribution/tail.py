@@ -16,7 +16,10 @@ from ..scoring.scales import Scale
 from .candidates import sum_by_image
 from .known import Known
 
-SCALE_CAP = 10.0  # the most a position's retrieved weights are scaled up by (tail="scaled")
+# the most a position's retrieved weights are scaled up by (tail="scaled"). Measured by setting it, at 20k photos on
+# the stride-1 default index, t = 100, topk 100, 8 queries, subset-sum Spearman at M = 32 / 128: cap 3 0.9835 / 0.9852,
+# 10 0.9846 / 0.9854, 30 0.981 / 0.983, none 0.978 / 0.981 (top-10 0.975 throughout; Ice Lake Xeon, ninth session).
+SCALE_CAP = 10.0
 
 
 def tail_scores(known: Known, log_z: dict, scales: list[Scale], weights: list[float], draws: int, n: int,

@@ -94,4 +94,4 @@ def _write_report(out: Path, attribution: Attribution, queries: torch.Tensor, co
     if getattr(attribution, "rounds", None):
         full["candidates"] = attribution.candidates_report()  # per query and timestep: M, outside share, target met
     write_json_atomic(out / "summary.json", full)
-    return format_top_table(table, top)
+    return format_top_table(table, top, query_labels=attribution.rounds_labels() if getattr(attribution, "rounds", None) else None)

@@ -81,6 +81,8 @@ def test_a_budget_the_query_cannot_keep_is_reported_and_warned_of(crops, small_r
         kept = att.attribute(queries, 300, time_budget=600.0, **kw)
     assert all(kept.candidates_report()[name]["t=300"]["within_budget"] for name in kept.query_names)
     assert "time budget" not in caplog.text
+    assert all(label.endswith(", past its budget") for label in late.rounds_labels().values())
+    assert not any("past its budget" in label for label in kept.rounds_labels().values())
     untimed = att.attribute(queries, 300, max_outside=0.5, **kw).candidates_report()
     assert all("within_budget" not in v["t=300"] and v["t=300"]["seconds"] > 0 for v in untimed.values())
 
@@ -118,6 +120,7 @@ def test_outside_sample_leaves_out_images_that_became_candidates():
 
 def test_cli_max_outside_reports_the_rounds_in_summary_json(tmp_path):
     import json
+    import re
 
     from click.testing import CliRunner
     from PIL import Image
@@ -142,6 +145,12 @@ def test_cli_max_outside_reports_the_rounds_in_summary_json(tmp_path):
     assert summary["settings"]["conv_layout"] and set(summary["settings"]["conv_layout"]) <= {"direct", "unfold"}
     assert 0 < rec["candidates"] <= 140 and rec["target_met"] == (rec["outside"] <= 0.2)
     assert rec["stopped_by"] in ("target", "pool")
+    # the printed table says what the rounds reached, beside the query's name
+    shown = re.search(r"query q\.png \(M (\d+), est\. outside (\d\.\d\d), (\d+\.\d\d) s\), t=100", r.output)
+    assert shown, r.output
+    assert int(shown[1]) == rec["candidates"] and abs(float(shown[2]) - rec["outside"]) <= 0.006
+    assert abs(float(shown[3]) - rec["seconds"]) <= 0.006
+    assert "past its budget" not in r.output
 
 
 def test_a_time_budget_plans_for_the_known_logits_that_follow_each_round(monkeypatch):
