@@ -29,18 +29,29 @@ class Attribution:
     candidate_ids: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (t index, query) -> sorted ids re-scored
 
     def candidates_report(self) -> dict[str, Any]:
-        """Per query and timestep: M re-scored, the estimated outside share, whether the target was met,
-        what stopped the rounds, the seconds taken (and of them before the first round) and, under a time
-        budget, whether the query kept its share of it (summary.json's ``candidates``)."""
+        """Per query name and timestep (``query_rounds``): summary.json's ``candidates``."""
+        out: dict[str, Any] = {}
+        for q, name in enumerate(self.query_names):
+            if rows := self.query_rounds(q):
+                out.setdefault(name, {}).update(rows)
+        return out
+
+    def query_rounds(self, q: int) -> dict[str, Any]:
+        """Per timestep ("t=100") of query ``q``: M re-scored, the estimated outside share, whether the target
+        was met, what stopped the rounds, the seconds taken (and of them before the first round) and, under
+        a time budget, whether the query kept its share of it; {} without rounds records (the exact path)."""
         budget = self.settings.get("time_budget")
         out: dict[str, Any] = {}
-        for (ti, q), rec in sorted(self.rounds.items()):
+        for ti, t in enumerate(self.timesteps):
+            rec = self.rounds.get((ti, q))
+            if rec is None:
+                continue
             row = {"candidates": int(rec.candidates), "outside": round(float(rec.outside), 6), "target_met": bool(rec.met),
                    "rounds": int(rec.rounds), "stopped_by": rec.stopped_by, "seconds": round(float(rec.seconds), 4),
                    "seconds_before_rounds": round(float(rec.before_rounds), 4)}
             if budget is not None:
                 row["within_budget"] = bool(rec.seconds <= budget / len(self.timesteps))
-            out.setdefault(self.query_names[q], {})[f"t={self.timesteps[ti]}"] = row
+            out[f"t={t}"] = row
         return out
 
     def rounds_labels(self) -> dict[str, str]:

@@ -120,6 +120,7 @@ class AttributionService:
         detail = None if out is None else {f"t={t}": {sc: float(out[ti, q, si]) for si, sc in enumerate(res.scale_names)} for ti, t in enumerate(res.timesteps)}
         return {"name": res.query_names[q], "timesteps": list(res.timesteps), "top": best,
                 "outside_mass": None if out is None else float(np.mean(out[:, q])), "outside_mass_detail": detail,
+                "candidates": res.query_rounds(q) or None,  # per timestep: M, outside share, seconds (and within_budget)
                 "heatmaps": heatmaps, "query_image": f"/query/{request_id}/{q}.png"}
 
     def heatmap_png(self, request_id: str, q: int, image_id: int) -> bytes | None:

@@ -53,6 +53,9 @@ def test_answer_equals_the_python_api_and_links_real_pngs(small, client):
     assert q["top"][0]["image_id"] == 11  # the copy of training image 11 is its own top proponent
     assert q["outside_mass"] == pytest.approx(float(np.mean(want.outside_mass[:, 0])))
     assert set(q["outside_mass_detail"]) == {"t=100", "t=300"}
+    assert set(q["candidates"]) == {"t=100", "t=300"}  # what the re-scoring reached at each timestep
+    assert [q["candidates"][f"t={t}"]["candidates"] for t in (100, 300)] == want.candidates_used[:, 0].tolist()
+    assert all(row["seconds"] > 0 and "within_budget" not in row for row in q["candidates"].values())
     assert set(q["heatmaps"]) == {str(p["image_id"]) for p in q["top"]}
     heat = client.get(q["heatmaps"]["11"])
     assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"
