@@ -55,16 +55,17 @@ class Attribution:
         return out
 
     def rounds_labels(self) -> dict[str, str]:
-        """Per query name, one line of what its re-scoring reached (M, the estimated outside share and the
-        seconds, per timestep; ", past its budget" where it ran past it), for the printed table; {} without
-        rounds records (the exact path)."""
-        budget = self.settings.get("time_budget")
-        parts: dict[str, list[str]] = {}
-        for (ti, q), rec in sorted(self.rounds.items()):
-            late = budget is not None and rec.seconds > budget / len(self.timesteps)
-            text = f"M {rec.candidates}, est. outside {rec.outside:.2f}, {rec.seconds:.2f} s" + (", past its budget" if late else "")
-            parts.setdefault(self.query_names[q], []).append(text if len(self.timesteps) == 1 else f"t={self.timesteps[ti]}: {text}")
-        return {name: "; ".join(texts) for name, texts in parts.items()}
+        """Per query name, one line of what its re-scoring reached (``query_rounds``: M, the estimated outside
+        share and the seconds, per timestep; ", past its budget" where it ran past it), for the printed
+        table; {} without rounds records (the exact path)."""
+        out: dict[str, str] = {}
+        for q, name in enumerate(self.query_names):
+            texts = [(f"{t}: " if len(self.timesteps) > 1 else "") + f"M {row['candidates']}, est. outside {row['outside']:.2f}, "
+                     f"{row['seconds']:.2f} s" + (", past its budget" if row.get("within_budget") is False else "")
+                     for t, row in self.query_rounds(q).items()]
+            if texts:
+                out[name] = "; ".join(texts)
+        return out
 
     @property
     def scores(self) -> np.ndarray:
